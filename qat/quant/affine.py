@@ -1,0 +1,161 @@
+"""Affine quantization arithmetic: qparams, quantize, dequantize, fake-quantize with a clipped STE.
+
+Conventions (shared with the int8 kernels, so that int8 reproduces fake-quant):
+    q     = clamp(round(x * (1 / s)) + z, qmin, qmax)      torch.round: half to even
+    x_hat = (q - z) * s
+Scale and zero point tensors have the *reduced shape* of the granularity:
+    per-tensor ()   per-channel (C,)   per-token x.shape[:-1]   per-group x.shape[:-1] + (n // g,)
+
+>>> spec = QuantSpec(bits=8, signed=True)
+>>> x = torch.tensor([-1.0, 0.0, 1.0, 20.0])
+>>> s, z = torch.tensor(0.1), torch.tensor(10, dtype=torch.int32)
+>>> quantize(x, s, z, spec).tolist()
+[0, 10, 20, 127]
+>>> [round(v, 4) for v in fake_quantize(x, s, z, spec).tolist()]
+[-1.0, 0.0, 1.0, 11.7]
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.quant.spec import Granularity, QuantSpec
+
+SCALE_EPS = torch.finfo(torch.float32).eps
+
+
+def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    n, g = x.shape[-1], spec.group_size
+    if n % g:
+        raise ValueError(f"per-group quantization needs the last dim ({n}) divisible by group_size ({g})")
+    return x.reshape(*x.shape[:-1], n // g, g)  # (..., n) -> (..., n/g, g)
+
+
+def _channel_axis(x: torch.Tensor, spec: QuantSpec) -> int:
+    axis = spec.axis if spec.axis >= 0 else spec.axis + x.dim()
+    if not 0 <= axis < x.dim():
+        raise ValueError(f"per-channel axis {spec.axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    return axis
+
+
+def reduced_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of `x` over everything that shares one (scale, zero_point) under `spec`."""
+    x = x.detach().float()
+    g = spec.granularity
+    if g is Granularity.PER_TENSOR:
+        return torch.aminmax(x)
+    if g is Granularity.PER_CHANNEL:
+        rows = x.movedim(_channel_axis(x, spec), 0).reshape(x.shape[_channel_axis(x, spec)], -1)  # (C, rest)
+        return torch.aminmax(rows, dim=1)
+    if g is Granularity.PER_TOKEN:
+        return torch.aminmax(x, dim=-1)
+    return torch.aminmax(_group_view(x, spec), dim=-1)
+
+
+def qparams_from_minmax(
+    min_val: torch.Tensor, max_val: torch.Tensor, spec: QuantSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale float32, zero_point int32) for ranges [min_val, max_val] (elementwise, any shape).
+
+    The range is widened to contain 0 so that 0.0 is exactly representable; the scale is at least
+    SCALE_EPS, so an all-zero tensor gives a finite scale.
+
+    >>> s, z = qparams_from_minmax(torch.tensor(-1.0), torch.tensor(3.0), QuantSpec(signed=False))
+    >>> round(s.item(), 6), z.item()
+    (0.015686, 64)
+    """
+    min_val = torch.clamp(min_val.float(), max=0.0)
+    max_val = torch.clamp(max_val.float(), min=0.0)
+    qmin, qmax = spec.qmin, spec.qmax
+    if spec.symmetric:
+        amax = torch.maximum(-min_val, max_val)
+        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=SCALE_EPS)
+        zero_point = torch.full_like(scale, spec.fixed_zero_point, dtype=torch.int32)
+        return scale, zero_point
+    scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=SCALE_EPS)
+    zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+
+
+def broadcastable(p: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Reshape a reduced-shape qparam so it broadcasts against `x` (or its group view for per-group)."""
+    g = spec.granularity
+    if g is Granularity.PER_TENSOR:
+        return p.reshape(())
+    if g is Granularity.PER_CHANNEL:
+        shape = [1] * x.dim()
+        shape[_channel_axis(x, spec)] = -1
+        return p.reshape(shape)  # (C,) -> (1, .., C, .., 1)
+    return p.unsqueeze(-1)  # per-token (..., ) -> (..., 1); per-group (..., n/g) -> (..., n/g, 1)
+
+
+def _as_grid(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return _group_view(x, spec) if spec.granularity is Granularity.PER_GROUP else x
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes of `x` as plain int8 (signed spec) or uint8 tensors, same shape as `x`."""
+    xg = _as_grid(x.float(), spec)
+    s, z = broadcastable(scale.float(), xg, spec), broadcastable(zero_point, xg, spec)
+    q = torch.clamp(torch.round(xg * (1.0 / s)) + z, spec.qmin, spec.qmax)
+    dtype = torch.int8 if spec.signed else torch.uint8
+    return q.reshape(x.shape).to(dtype)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Float32 values of integer codes `q`."""
+    qg = _as_grid(q.to(torch.int32), spec)
+    s, z = broadcastable(scale.float(), qg, spec), broadcastable(zero_point, qg, spec)
+    return ((qg - z).float() * s).reshape(q.shape)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Fake-quantize with the clipped straight-through estimator: d/dx = 1 where the code is in range."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        codes = torch.round(x * (1.0 / scale)) + zero_point
+        inside = (codes >= qmin) & (codes <= qmax)
+        ctx.save_for_backward(inside)
+        return (torch.clamp(codes, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def _fused_op_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """torch's fused fake-quant kernels coincide with our formula for float32 per-tensor / per-channel."""
+    fused_granularity = spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+    return fused_granularity and x.dtype == torch.float32
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, use_fused: bool = True
+) -> torch.Tensor:
+    """quantize + dequantize in one differentiable step (clipped STE); output dtype = input dtype.
+
+    Uses torch.fake_quantize_per_{tensor,channel}_affine where they coincide (float32 input,
+    per-tensor or per-channel), which the tests prove bit-equal to the plain formula.
+    """
+    scale = scale.detach().float()
+    zero_point = zero_point.detach().to(torch.int32)
+    if use_fused and _fused_op_applies(x, spec):
+        if spec.granularity is Granularity.PER_TENSOR:
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax
+            )
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point, _channel_axis(x, spec), spec.qmin, spec.qmax
+        )
+    xg = _as_grid(x.float(), spec)
+    s, z = broadcastable(scale, xg, spec), broadcastable(zero_point, xg, spec)
+    out = _FakeQuantizeSTE.apply(xg, s, z, spec.qmin, spec.qmax)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def dynamic_fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Fake-quantize with qparams computed from `x` itself (per-token / per-group activations)."""
+    min_val, max_val = reduced_minmax(x, spec)
+    scale, zero_point = qparams_from_minmax(min_val, max_val, spec)
+    return fake_quantize(x, scale, zero_point, spec)

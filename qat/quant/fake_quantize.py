@@ -1,0 +1,173 @@
+"""FakeQuantize modules: an observed or learned range + a QuantSpec, with the switches torch.ao users know.
+
+>>> fq = FakeQuantize(QuantSpec(bits=8, signed=False), MinMaxObserver(QuantSpec(bits=8, signed=False)))
+>>> y = fq(torch.tensor([0.0, 0.5, 1.0]))          # observes, then fake-quantizes
+>>> fq.enable_observer(False).scale.item() == 1 / 255
+True
+>>> torch.equal(fq.enable_fake_quant(False)(torch.tensor([0.3])), torch.tensor([0.3]))
+True
+
+Switch states are Python flags (no device synchronisation in forward), saved in the state_dict as extra
+state, so a checkpoint resumes with the same modes.
+"""
+from __future__ import annotations
+
+import torch
+
+from qat.quant.affine import dynamic_fake_quantize, fake_quantize
+from qat.quant.learnable import lsq_fake_quantize, pact_fake_quantize, pact_scale
+from qat.quant.observers import Observer
+from qat.quant.spec import QuantSpec
+from qat.quant.state import ShapeFromStateDict, assign_
+
+
+class QuantizerBase(ShapeFromStateDict):
+    """Shared switches and state handling of every fake-quantizer."""
+
+    def __init__(self, spec: QuantSpec, observer: Observer | None):
+        super().__init__()
+        self.spec = spec
+        self.observer = observer
+        self.observer_enabled = observer is not None
+        self.fake_quant_enabled = True
+
+    def enable_observer(self, enabled: bool = True) -> "QuantizerBase":
+        if not enabled and self.observer_enabled:
+            self._on_observer_frozen()
+        self.observer_enabled = bool(enabled) and self.observer is not None
+        return self
+
+    def disable_observer(self) -> "QuantizerBase":
+        return self.enable_observer(False)
+
+    def enable_fake_quant(self, enabled: bool = True) -> "QuantizerBase":
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+    def disable_fake_quant(self) -> "QuantizerBase":
+        return self.enable_fake_quant(False)
+
+    def _on_observer_frozen(self) -> None:
+        """Hook: settle the qparams once observation stops."""
+
+    def get_extra_state(self) -> dict:
+        return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.observer_enabled = bool(state["observer_enabled"]) and self.observer is not None
+        self.fake_quant_enabled = bool(state["fake_quant_enabled"])
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale float32, zero_point int32) in the spec's reduced shape, as int8 conversion uses them."""
+        raise NotImplementedError(f"{type(self).__name__} must implement qparams()")
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.short()}, observer={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"
+
+
+class FakeQuantize(QuantizerBase):
+    """Observer-driven fake quantization (observer None: per-token/per-group ranges from each tensor)."""
+
+    def __init__(self, spec: QuantSpec, observer: Observer | None = None):
+        if observer is None and not spec.is_dynamic:
+            raise ValueError(f"a {spec.granularity.value} FakeQuantize needs an observer")
+        super().__init__(spec, observer)
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self._stale = False  # observer saw data the qparams do not reflect yet
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled:
+            self.observer(x)
+            self._stale = True
+        if not self.fake_quant_enabled:
+            return x
+        if self.spec.is_dynamic:
+            return dynamic_fake_quantize(x, self.spec)
+        if self._stale:
+            self.calculate_qparams()
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recompute scale/zero_point from the observer into the buffers and return them."""
+        scale, zero_point = self.observer.calculate_qparams()
+        assign_(self.scale, scale)
+        assign_(self.zero_point, zero_point)
+        self._stale = False
+        return self.scale, self.zero_point
+
+    def _on_observer_frozen(self) -> None:
+        if self._stale:
+            self.calculate_qparams()
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stale:
+            self.calculate_qparams()
+        return self.scale, self.zero_point
+
+
+class LearnableFakeQuantize(QuantizerBase):
+    """LSQ / LSQ+ / PACT: the range is a parameter, initialised from an observer pass.
+
+    While the observer is enabled, each forward observes and re-initialises the parameters from the
+    observer's qparams; once it is disabled, they are trained. A quantizer never observed initialises
+    itself from the first tensor it sees.
+    """
+
+    METHODS = ("lsq", "lsq_plus", "pact")
+
+    def __init__(self, spec: QuantSpec, observer: Observer, method: str = "lsq"):
+        if method not in self.METHODS:
+            raise ValueError(f"method={method!r} is invalid; allowed: {', '.join(self.METHODS)}")
+        super().__init__(spec, observer)
+        self.method = method
+        self.initialized = False
+        if method == "pact":
+            self.alpha = torch.nn.Parameter(torch.tensor(1.0))
+        else:
+            self.scale = torch.nn.Parameter(torch.tensor(1.0))
+            zero = torch.tensor(0.0)
+            self.zero_point = torch.nn.Parameter(zero) if method == "lsq_plus" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer_enabled or not self.initialized:
+            self.observer(x)
+            self._init_from_observer()
+        if not self.fake_quant_enabled:
+            return x
+        if self.method == "pact":
+            return pact_fake_quantize(x, self.alpha, self.spec)
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec)
+
+    def _init_from_observer(self) -> None:
+        scale, zero_point = self.observer.calculate_qparams()
+        if self.method == "pact":
+            min_val, max_val = self.observer.range()
+            alpha = torch.maximum(max_val, -min_val) if self.spec.signed else max_val
+            assign_(self.alpha, torch.clamp(alpha.float(), min=1e-4))
+        else:
+            assign_(self.scale, scale)
+            if self.zero_point is not None:
+                assign_(self.zero_point, zero_point.float())
+        self.initialized = True
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if self.method == "pact":
+                scale = pact_scale(self.alpha, self.spec)
+                return scale, torch.zeros_like(scale, dtype=torch.int32)
+            scale = torch.clamp(self.scale.float(), min=torch.finfo(torch.float32).eps)
+            if self.zero_point is None:
+                return scale, torch.full_like(scale, self.spec.fixed_zero_point, dtype=torch.int32)
+            zp = torch.round(torch.clamp(self.zero_point, self.spec.qmin, self.spec.qmax))
+            return scale, zp.to(torch.int32)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "initialized": self.initialized}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.initialized = bool(state["initialized"])
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, {super().extra_repr()}"

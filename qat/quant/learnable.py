@@ -1,0 +1,134 @@
+"""Learned-range fake quantization: LSQ, LSQ+ (learned offset) and PACT (learned clip).
+
+The forward pass is the same affine grid as :func:`qat.quant.affine.fake_quantize` (codes computed as
+round(x * (1/s)) + round(z)), so a learned quantizer converts to int8 like any other. Only the gradients
+differ:
+
+LSQ (Esser et al. 2020), with v = x / s, grad scale g = 1 / sqrt(N * qmax):
+    d x_hat / d s = round(v) - v        inside the grid
+                  = qmin - z | qmax - z  below | above
+    d x_hat / d z = -s outside the grid, 0 inside (LSQ+ only)
+PACT (Choi et al. 2018): x is clipped to [0, alpha] (or [-alpha, alpha] when signed) before quantizing
+with z = 0 and s = alpha / qmax; d/d alpha is 1 above
+the clip (-1 below the negative clip), and the rounding is straight-through.
+
+>>> x = torch.tensor([-3.0, 0.26, 9.0], requires_grad=True)
+>>> s = torch.tensor(0.5, requires_grad=True)
+>>> y = lsq_fake_quantize(x, s, None, QuantSpec(bits=4, signed=True), grad_scale=1.0)
+>>> y.tolist()
+[-3.0, 0.5, 3.5]
+>>> y.sum().backward(); round(s.grad.item(), 4)  # codes -6 (exact: 0), 1 (1 - 0.52), 18 > 7 (qmax - 0)
+7.48
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qat.quant.affine import SCALE_EPS, broadcastable, _as_grid
+from qat.quant.spec import Granularity, QuantSpec
+
+
+def lsq_grad_scale(x: torch.Tensor, spec: QuantSpec) -> float:
+    """Esser et al.'s step-size gradient scale 1/sqrt(N * qmax), N = elements sharing one scale."""
+    per_scale = x.numel()
+    if spec.granularity is Granularity.PER_CHANNEL:
+        per_scale //= x.shape[spec.axis]
+    elif spec.granularity in (Granularity.PER_TOKEN, Granularity.PER_GROUP):
+        per_scale = x.shape[-1] if spec.granularity is Granularity.PER_TOKEN else spec.group_size
+    return 1.0 / math.sqrt(max(per_scale, 1) * max(spec.qmax, 1))
+
+
+def _sum_to(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reduce a broadcast gradient back to the shape of the (broadcast) parameter view `like`."""
+    return grad.sum_to_size(like.shape)
+
+
+class _LSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
+        z = torch.round(torch.clamp(zero_point, qmin, qmax))
+        v = x * (1.0 / scale)
+        codes = torch.round(v) + z
+        below, above = codes < qmin, codes > qmax
+        ctx.save_for_backward(v, z, below, above, scale)
+        ctx.qrange, ctx.grad_scale = (qmin, qmax), grad_scale
+        return (torch.clamp(codes, qmin, qmax) - z) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, z, below, above, scale = ctx.saved_tensors
+        qmin, qmax = ctx.qrange
+        inside = ~(below | above)
+        d_scale = torch.where(inside, torch.round(v) - v, torch.where(below, qmin - z, qmax - z))
+        d_zero = torch.where(inside, torch.zeros_like(v), -scale.expand_as(v))
+        g = ctx.grad_scale
+        grad_scale = _sum_to(grad * d_scale, scale) * g if ctx.needs_input_grad[1] else None
+        grad_zero = _sum_to(grad * d_zero, scale) * g if ctx.needs_input_grad[2] else None
+        return grad * inside, grad_scale, grad_zero, None, None, None
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    spec: QuantSpec,
+    grad_scale: float | None = None,
+) -> torch.Tensor:
+    """LSQ fake-quant with a learnable `scale` (reduced shape) and optional learnable float `zero_point`."""
+    xg = _as_grid(x.float(), spec)
+    s = broadcastable(torch.clamp(scale.float(), min=SCALE_EPS), xg, spec)
+    if zero_point is None:
+        zero_point = torch.full_like(scale, float(spec.fixed_zero_point)).detach()
+    z = broadcastable(zero_point.float(), xg, spec)
+    g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
+    out = _LSQ.apply(xg, s, z, spec.qmin, spec.qmax, g)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+class _PACTClip(torch.autograd.Function):
+    """clamp(x, lo*alpha, alpha) with d/dx = 1 inside and d/dalpha = 1 above, lo (0 or -1) below."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, signed: bool):
+        low = -alpha if signed else torch.zeros_like(alpha)
+        below, above = x < low, x > alpha
+        ctx.save_for_backward(below, above, alpha)
+        ctx.signed = signed
+        return torch.minimum(torch.maximum(x, low), alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        below, above, alpha = ctx.saved_tensors
+        d_alpha = grad * above - (grad * below if ctx.signed else 0)
+        return grad * ~(below | above), _sum_to(d_alpha, alpha), None
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def pact_scale(alpha: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Grid step for a clip value alpha: the clipped range [0 or -alpha, alpha] spans the code range."""
+    alpha = torch.clamp(alpha.float(), min=SCALE_EPS)
+    return alpha / spec.qmax
+
+
+def pact_fake_quantize(x: torch.Tensor, alpha: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """PACT: clip to alpha (learned), then quantize on the grid that alpha defines (z = 0 or qmin)."""
+    if spec.signed and not spec.symmetric:
+        raise ValueError("PACT with signed=True needs symmetric=True (clip to [-alpha, alpha])")
+    xg = _as_grid(x.float(), spec)
+    a = broadcastable(torch.clamp(alpha.float(), min=SCALE_EPS), xg, spec)
+    clipped = _PACTClip.apply(xg, a, spec.signed)
+    s = broadcastable(pact_scale(alpha, spec), xg, spec).detach()  # PACT: alpha's gradient comes from the clip
+    codes = _RoundSTE.apply(clipped * (1.0 / s))  # zero point 0; the clip keeps codes in range
+    codes = codes + (torch.clamp(codes, spec.qmin, spec.qmax) - codes).detach()  # float-rounding guard, no grad
+    return (codes * s).reshape(x.shape).to(x.dtype)

@@ -1,0 +1,102 @@
+"""Range observers: watch tensors, propose (min, max), turn them into qparams.
+
+Every observer keeps its statistics in buffers (so they checkpoint, resume and can be synchronised across
+DDP ranks) in the reduced shape of its spec: () per-tensor, (C,) per-channel.
+
+>>> obs = MinMaxObserver(QuantSpec(bits=8, signed=False))
+>>> _ = obs(torch.tensor([-1.0, 0.5, 3.0]))
+>>> obs.min_val.item(), obs.max_val.item()
+(-1.0, 3.0)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qat.quant.affine import qparams_from_minmax, reduced_minmax
+from qat.quant.spec import Granularity, QuantSpec
+from qat.quant.state import ShapeFromStateDict, assign_
+
+OBSERVABLE = (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+
+
+class Observer(ShapeFromStateDict):
+    """Base class: records the range of what flows through; forward returns its input unchanged."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        if spec.granularity not in OBSERVABLE:
+            raise ValueError(
+                f"{type(self).__name__} observes per-tensor or per-channel ranges, got granularity="
+                f"'{spec.granularity.value}' (per-token/per-group ranges are computed on the fly)"
+            )
+        self.spec = spec
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+        self.has_data = False  # a Python flag, so the hot path never synchronises with the device
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.has_data = bool(torch.isfinite(self.min_val).all()) and self.min_val.numel() > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel():
+            self.observe(x.detach())
+        return x
+
+    def observe(self, x: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must implement observe()")
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (min, max) the qparams are computed from; subclasses may clip outliers here."""
+        return self.min_val, self.max_val
+
+    def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_data:
+            raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration batches first")
+        min_val, max_val = self.range()
+        return qparams_from_minmax(min_val, max_val, self.spec)
+
+    def extra_repr(self) -> str:
+        return self.spec.short()
+
+
+def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        raise FloatingPointError(
+            f"{who} saw non-finite values (NaN/Inf) in a tensor of shape {tuple(x.shape)}; "
+            "the range would be meaningless. Check the inputs or the layer producing them."
+        )
+
+
+class MinMaxObserver(Observer):
+    """Running min and max over everything observed."""
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = reduced_minmax(x, self.spec)
+        _check_finite(x, lo, hi, type(self).__name__)
+        if self.has_data and self.min_val.shape == lo.shape:
+            lo, hi = torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val)
+        assign_(self.min_val, lo)
+        assign_(self.max_val, hi)
+        self.has_data = True
+
+
+class MovingAverageMinMaxObserver(Observer):
+    """Exponential moving average of each batch's min and max (momentum = weight of the new batch)."""
+
+    def __init__(self, spec: QuantSpec, momentum: float = 0.01):
+        super().__init__(spec)
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum={momentum!r} is invalid; allowed: a float in (0, 1]")
+        self.momentum = momentum
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = reduced_minmax(x, self.spec)
+        _check_finite(x, lo, hi, type(self).__name__)
+        if self.has_data and self.min_val.shape == lo.shape:
+            lo = torch.lerp(self.min_val, lo, self.momentum)
+            hi = torch.lerp(self.max_val, hi, self.momentum)
+        assign_(self.min_val, lo)
+        assign_(self.max_val, hi)
+        self.has_data = True

@@ -1,0 +1,153 @@
+import pytest
+import torch
+
+from qat.quant.affine import (
+    SCALE_EPS,
+    dequantize,
+    dynamic_fake_quantize,
+    fake_quantize,
+    qparams_from_minmax,
+    quantize,
+    reduced_minmax,
+)
+from qat.quant.spec import QuantSpec
+
+PER_CHANNEL = dict(granularity="per_channel", axis=0)
+
+
+def test_hand_computed_signed_8bit():
+    spec = QuantSpec(bits=8, signed=True)
+    x = torch.tensor([-1.0, 0.0, 1.0, 20.0])
+    s, z = torch.tensor(0.1), torch.tensor(10, dtype=torch.int32)
+    q = quantize(x, s, z, spec)
+    assert q.dtype == torch.int8 and q.tolist() == [0, 10, 20, 127]
+    torch.testing.assert_close(dequantize(q, s, z, spec), torch.tensor([-1.0, 0.0, 1.0, 11.7]))
+    torch.testing.assert_close(fake_quantize(x, s, z, spec), torch.tensor([-1.0, 0.0, 1.0, 11.7]))
+
+
+@pytest.mark.parametrize(
+    "bits, lo, hi, scale, zero",
+    [
+        (8, -1.0, 3.0, 4.0 / 255, 64),  # 0 - round(-1 / (4/255)) = 63.75 -> 64
+        (4, -1.0, 3.0, 4.0 / 15, 4),  # round(3.75) = 4
+        (8, 0.5, 2.0, 2.0 / 255, 0),  # min widened to 0
+        (4, -2.0, -1.0, 2.0 / 15, 15),  # max widened to 0
+    ],
+)
+def test_asymmetric_formula_unsigned(bits, lo, hi, scale, zero):
+    s, z = qparams_from_minmax(torch.tensor(lo), torch.tensor(hi), QuantSpec(bits=bits, signed=False))
+    assert s.item() == pytest.approx(scale, rel=1e-6) and z.item() == zero
+
+
+@pytest.mark.parametrize(
+    "bits, narrow, scale",
+    [(8, False, 3.0 / 127.5), (8, True, 3.0 / 127), (4, False, 3.0 / 7.5), (4, True, 3.0 / 7)],
+)
+def test_symmetric_formula(bits, narrow, scale):
+    spec = QuantSpec(bits=bits, signed=True, symmetric=True, narrow_range=narrow)
+    s, z = qparams_from_minmax(torch.tensor(-3.0), torch.tensor(1.0), spec)
+    assert s.item() == pytest.approx(scale, rel=1e-6) and z.item() == 0
+
+
+def test_symmetric_unsigned_zero_point_is_mid_range():
+    _, z = qparams_from_minmax(torch.tensor(-1.0), torch.tensor(1.0), QuantSpec(signed=False, symmetric=True))
+    assert z.item() == 128
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(signed=False), QuantSpec(symmetric=True)])
+def test_zero_is_exact_and_all_zero_is_finite(spec):
+    x = torch.randn(1000) * 3 + 1
+    s, z = qparams_from_minmax(*reduced_minmax(x, spec), spec)
+    assert fake_quantize(torch.zeros(3), s, z, spec).eq(0).all()
+    zeros = torch.zeros(10)
+    s0, z0 = qparams_from_minmax(*reduced_minmax(zeros, spec), spec)
+    assert s0.item() == SCALE_EPS
+    out = fake_quantize(zeros, s0, z0, spec)
+    assert torch.isfinite(out).all() and out.eq(0).all()
+
+
+def test_rounding_is_half_to_even():
+    spec = QuantSpec(bits=8, signed=True)
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5])
+    assert quantize(x, torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), spec).tolist() == [0, 2, 2, 0, -2]
+
+
+def test_granularity_shapes_and_values():
+    w = torch.randn(6, 4, 3, 3)
+    spec = QuantSpec(symmetric=True, **PER_CHANNEL)
+    lo, hi = reduced_minmax(w, spec)
+    assert lo.shape == (6,)
+    torch.testing.assert_close(hi, w.flatten(1).amax(1))
+    tok = QuantSpec(signed=False, granularity="per_token")
+    x = torch.randn(2, 5, 8)
+    assert reduced_minmax(x, tok)[0].shape == (2, 5)
+    grp = QuantSpec(symmetric=True, granularity="per_group", group_size=4)
+    assert reduced_minmax(x, grp)[0].shape == (2, 5, 2)
+    with pytest.raises(ValueError, match="divisible by group_size"):
+        reduced_minmax(torch.randn(3, 6), grp)
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_group"])
+def test_dynamic_granularities_quantize_each_row_on_its_own_grid(granularity):
+    extra = dict(group_size=4) if granularity == "per_group" else {}
+    spec = QuantSpec(bits=4, signed=False, granularity=granularity, **extra)
+    x = torch.randn(3, 8) * torch.tensor([[1.0], [10.0], [100.0]])
+    out = dynamic_fake_quantize(x, spec)
+    rows = x.reshape(-1, 4) if granularity == "per_group" else x
+    err = (out.reshape(rows.shape) - rows).abs().amax(-1)
+    span = rows.amax(-1).clamp(min=0) - rows.amin(-1).clamp(max=0)
+    assert (err <= span / 15 / 2 + 1e-6).all()  # each row within half its own step
+
+
+def _random_qparams(spec, shape):
+    scale = torch.rand(shape) * 0.1 + 1e-3
+    zero = torch.randint(spec.qmin, spec.qmax + 1, shape, dtype=torch.int32)
+    if spec.symmetric:
+        zero = torch.full(shape, spec.fixed_zero_point, dtype=torch.int32)
+    return scale, zero
+
+
+FUSED_SPECS = [
+    QuantSpec(bits=8, signed=False),
+    QuantSpec(bits=8, signed=True),
+    QuantSpec(bits=8, signed=True, symmetric=True, narrow_range=True),
+    QuantSpec(bits=4, signed=False),
+    QuantSpec(bits=2, signed=True, symmetric=True),
+    QuantSpec(bits=8, signed=False, reduce_range=True),
+    QuantSpec(bits=8, symmetric=True, **PER_CHANNEL),
+    QuantSpec(bits=4, signed=False, **PER_CHANNEL),
+    QuantSpec(bits=8, granularity="per_channel", axis=1),
+]
+
+
+@pytest.mark.parametrize("spec", FUSED_SPECS, ids=lambda s: s.short())
+def test_fused_op_is_bit_equal_to_formula_values_and_grads(spec):
+    x = torch.randn(8, 6, 5, 5) * 4
+    shape = (x.shape[spec.axis],) if spec.is_per_channel else ()
+    scale, zero = _random_qparams(spec, shape)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = fake_quantize(x1, scale, zero, spec, use_fused=True)
+    plain = fake_quantize(x2, scale, zero, spec, use_fused=False)
+    assert torch.equal(fused, plain)
+    g = torch.randn_like(x)
+    fused.backward(g)
+    plain.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+
+
+def test_clipped_ste_gradient_closed_form():
+    spec = QuantSpec(bits=4, signed=False)
+    x = torch.tensor([-1.0, 0.0, 0.7, 1.4, 1.6, 5.0], requires_grad=True)
+    s, z = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
+    fake_quantize(x, s, z, spec, use_fused=False).sum().backward()
+    # codes: -10 (out), 0, 7, 14, 16 (out, > 15), 50 (out)
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_bfloat16_input_keeps_dtype_and_matches_float():
+    spec = QuantSpec(signed=False)
+    x = torch.randn(64).bfloat16()
+    s, z = torch.tensor(0.02), torch.tensor(100, dtype=torch.int32)
+    out = fake_quantize(x, s, z, spec)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, fake_quantize(x.float(), s, z, spec).bfloat16())
