@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.models.checkpoint import load_pretrained
+
 CIFAR_RESNET_DEPTHS = (20, 32, 44, 56)
 STAGE_WIDTHS = (16, 32, 64)
 
@@ -104,29 +106,8 @@ def load_cifar_resnet(depth: int, checkpoint_path: str | Path | None = None, num
     """Build a CIFAR ResNet and, given a checkpoint, load it strictly (a `module.` prefix is stripped).
 
     Accepts a bare state_dict or a dict holding one under 'state_dict' (the akamaster format).
-    Raises ValueError naming the path when the file is unreadable or does not fit the model.
+    Raises FileNotFoundError / ValueError naming the path when the file is missing, unreadable or does
+    not fit the model.
     """
     model = cifar_resnet(depth, num_classes)
-    if checkpoint_path is None:
-        return model
-    state_dict = read_state_dict(checkpoint_path)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {checkpoint_path} does not fit resnet{depth} (num_classes={num_classes}): {err}") from err
-    return model
-
-
-def read_state_dict(checkpoint_path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict with weights_only=True, unwrap {'state_dict': ...} and strip `module.` prefixes."""
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and EOF errors for damaged files
-        raise ValueError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):
-        raise ValueError(f"checkpoint {path} holds no state_dict (expected a dict of tensors or {{'state_dict': ...}})")
-    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return model if checkpoint_path is None else load_pretrained(model, checkpoint_path)
