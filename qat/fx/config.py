@@ -1,0 +1,155 @@
+"""QuantConfig: which quantizer every layer gets, validated on construction.
+
+>>> cfg = QuantConfig.preset("w4a4_lsq")
+>>> cfg.weight.spec.bits, cfg.activation.range_method, cfg.first_last_8bit
+(4, 'lsq_plus', True)
+>>> cfg = QuantConfig.preset("w8a8").with_(skip=("fc",), name_overrides=(LayerOverride("layer1.*", weight_bits=4),))
+>>> cfg.resolve("layer1.0.conv1", "Conv2d").weight.spec.bits
+4
+>>> cfg.resolve("fc", "Linear") is None
+True
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, replace
+
+from qat.quant.config import QuantizerConfig
+from qat.quant.spec import QuantSpec
+
+W8_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per_channel")
+A8_AFFINE = QuantSpec(bits=8, signed=False)
+UNTRACEABLE_MODES = ("error", "leaf")
+
+
+def _low_bit(bits: int) -> tuple[QuantizerConfig, QuantizerConfig]:
+    weight = QuantizerConfig(
+        QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq", init_observer="mse"
+    )
+    activation = QuantizerConfig(QuantSpec(bits=bits, signed=False), "lsq_plus", init_observer="mse", bins=512)
+    return weight, activation
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Changes for layers whose module path (fnmatch `pattern`) or type name (e.g. 'Linear') matches.
+
+    weight / activation replace the quantizer configs; weight_bits / activation_bits only change bits.
+    """
+
+    pattern: str
+    weight: QuantizerConfig | None = None
+    activation: QuantizerConfig | None = None
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"LayerOverride.pattern={self.pattern!r} is invalid; allowed: a non-empty string")
+        for name in ("weight_bits", "activation_bits"):
+            bits = getattr(self, name)
+            if bits is not None:
+                QuantSpec(bits=bits)  # raises a ValueError naming bits and the allowed range
+
+    def apply(self, layer: "LayerQuant") -> "LayerQuant":
+        weight = self.weight or layer.weight
+        activation = self.activation or layer.activation
+        if self.weight_bits is not None:
+            weight = weight.with_(spec=weight.spec.with_(bits=self.weight_bits))
+        if self.activation_bits is not None:
+            activation = activation.with_(spec=activation.spec.with_(bits=self.activation_bits))
+        return LayerQuant(weight, activation)
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """The resolved quantizers of one layer: its weight and its input/output activations."""
+
+    weight: QuantizerConfig
+    activation: QuantizerConfig
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """weight / activation: defaults. type_overrides match module type names, name_overrides module paths
+    (applied after type overrides). skip: module path patterns kept in float. first_last_8bit: the first and
+    last quantized layers use 8 bits (standard for low-bit QAT). leaf_modules: module path patterns the tracer
+    must not enter. on_untraceable: 'error' (raise, naming the module and source line) or 'leaf' (make the
+    failing submodule a leaf, quantized by module swap). fuse_bn: fold BatchNorm into the preceding layer."""
+
+    weight: QuantizerConfig = QuantizerConfig(W8_PER_CHANNEL, "minmax")
+    activation: QuantizerConfig = QuantizerConfig(A8_AFFINE, "ema")
+    type_overrides: tuple[LayerOverride, ...] = ()
+    name_overrides: tuple[LayerOverride, ...] = ()
+    skip: tuple[str, ...] = ()
+    first_last_8bit: bool = False
+    leaf_modules: tuple[str, ...] = ()
+    on_untraceable: str = "error"
+    fuse_bn: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("weight", "activation"):
+            if not isinstance(getattr(self, name), QuantizerConfig):
+                raise ValueError(f"QuantConfig.{name} must be a QuantizerConfig, got {type(getattr(self, name)).__name__}")
+        if self.weight.spec.is_dynamic:
+            raise ValueError("QuantConfig.weight spec is invalid; allowed granularities: per_tensor, per_channel")
+        if self.on_untraceable not in UNTRACEABLE_MODES:
+            raise ValueError(
+                f"QuantConfig.on_untraceable={self.on_untraceable!r} is invalid; allowed: {', '.join(UNTRACEABLE_MODES)}"
+            )
+        for name in ("type_overrides", "name_overrides"):
+            for item in getattr(self, name):
+                if not isinstance(item, LayerOverride):
+                    raise ValueError(f"QuantConfig.{name} items must be LayerOverride, got {item!r}")
+        for name in ("skip", "leaf_modules"):
+            if isinstance(getattr(self, name), str) or not all(isinstance(p, str) for p in getattr(self, name)):
+                raise ValueError(f"QuantConfig.{name} must be a tuple of module path patterns, got {getattr(self, name)!r}")
+
+    @classmethod
+    def preset(cls, name: str) -> "QuantConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown QuantConfig preset {name!r}; available: {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def with_(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)
+
+    def is_skipped(self, module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.skip)
+
+    def resolve(self, module_name: str, type_name: str) -> LayerQuant | None:
+        """The quantizers for a layer, or None when it is skipped (kept in float)."""
+        if self.is_skipped(module_name):
+            return None
+        layer = LayerQuant(self.weight, self.activation)
+        for override in self.type_overrides:
+            if override.pattern == type_name:
+                layer = override.apply(layer)
+        for override in self.name_overrides:
+            if fnmatch.fnmatchcase(module_name, override.pattern):
+                layer = override.apply(layer)
+        return layer
+
+    def unused_patterns(self, module_names: list[str], type_names: set[str]) -> list[str]:
+        """Override/skip patterns that matched nothing (a typo would otherwise pass silently)."""
+        name_patterns = [o.pattern for o in self.name_overrides] + list(self.skip) + list(self.leaf_modules)
+        unused = [p for p in name_patterns if not any(fnmatch.fnmatchcase(n, p) for n in module_names)]
+        return unused + [o.pattern for o in self.type_overrides if o.pattern not in type_names]
+
+
+def _presets() -> dict[str, QuantConfig]:
+    w4, a4 = _low_bit(4)
+    w2, a2 = _low_bit(2)
+    return {
+        "w8a8": QuantConfig(),
+        "w8a8_ptq": QuantConfig(activation=QuantizerConfig(A8_AFFINE, "percentile", percentile=99.999)),
+        "w8a8_minmax": QuantConfig(activation=QuantizerConfig(A8_AFFINE, "minmax")),
+        "w8a8_lsq": QuantConfig(
+            weight=QuantizerConfig(W8_PER_CHANNEL, "lsq"), activation=QuantizerConfig(A8_AFFINE, "lsq_plus")
+        ),
+        "w4a4_lsq": QuantConfig(weight=w4, activation=a4, first_last_8bit=True),
+        "w2a2_lsq": QuantConfig(weight=w2, activation=a2, first_last_8bit=True),
+    }
+
+
+PRESETS: dict[str, QuantConfig] = _presets()

@@ -1,0 +1,201 @@
+"""QAT modules: Conv/Linear with weight fake-quant, optional fused BatchNorm (folding simulated) and ReLU.
+
+BN folding during QAT follows Jacob et al. 2018 / Krishnamoorthi 2018: the weight is folded with the
+running statistics, fake-quantized, and the conv output is unscaled again so that BatchNorm (batch
+statistics in training, running statistics once frozen or in eval) sees the same distribution as the float
+model. In eval mode the output is exactly conv(x, fq(w * gamma / std)) + folded bias, which is what the int8
+conv computes.
+
+>>> conv = torch.nn.Conv2d(3, 8, 3)
+>>> bn = torch.nn.BatchNorm2d(8).eval()
+>>> q = QConv.from_float(conv, QuantizerConfig(QuantSpec(symmetric=True, granularity="per_channel")), bn, "relu")
+>>> q.weight_fq.disable_fake_quant() and None
+>>> x = torch.randn(2, 3, 8, 8)
+>>> torch.allclose(q.eval()(x), torch.relu(bn(conv(x))), atol=1e-5)
+True
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.config import QuantizerConfig
+from qat.quant.fake_quantize import QuantizerBase
+from qat.quant.spec import QuantSpec
+
+# fused activation name -> (function, upper clip or None); int8 kernels clamp codes to the same bounds
+FUSED_ACTIVATIONS = {
+    "relu": (F.relu, None),
+    "relu6": (F.relu6, 6.0),
+}
+
+CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+class QuantizedWeightModule(nn.Module):
+    """Shared parts of QAT Conv/Linear: a weight quantizer, optional fused BN and activation, and an
+    optional input quantizer (used when the module is swapped in eagerly, outside the FX graph)."""
+
+    weight_axis = 0
+
+    def _init_common(self, weight_cfg: QuantizerConfig, bn: nn.Module | None, activation: str | None):
+        if activation is not None and activation not in FUSED_ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is invalid; allowed: {', '.join(FUSED_ACTIVATIONS)}")
+        spec = weight_cfg.spec
+        if spec.is_per_channel and spec.axis != self.weight_axis:
+            weight_cfg = weight_cfg.with_(spec=spec.with_(axis=self.weight_axis))
+        self.weight_fq: QuantizerBase = weight_cfg.build()
+        self.bn = bn
+        self.activation = activation
+        self.bn_frozen = False
+        self.input_fq: QuantizerBase | None = None
+
+    def freeze_bn_stats(self, frozen: bool = True) -> "QuantizedWeightModule":
+        """Frozen: BN uses (and no longer updates) its running statistics, also in training."""
+        self.bn_frozen = bool(frozen)
+        return self
+
+    def _bn_scale(self) -> torch.Tensor:
+        """gamma / sqrt(running_var + eps): the per-output-channel factor folded into the weight."""
+        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        gamma = self.bn.weight if self.bn.weight is not None else torch.ones_like(std)
+        return gamma / std
+
+    def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Float weight and bias with BN folded in using running statistics (what int8 conversion uses)."""
+        if self.bn is None:
+            return self.weight, self.bias
+        factor = self._bn_scale()
+        bias = self.bias if self.bias is not None else torch.zeros_like(factor)
+        beta = self.bn.bias if self.bn.bias is not None else torch.zeros_like(factor)
+        folded_bias = (bias - self.bn.running_mean) * factor + beta
+        return self.weight * self._broadcast(factor), folded_bias
+
+    def _broadcast(self, per_channel: torch.Tensor) -> torch.Tensor:
+        shape = [1] * self.weight.dim()
+        shape[self.weight_axis] = -1
+        return per_channel.reshape(shape)  # (C,) -> weight-shaped broadcast
+
+    def _output_broadcast(self, per_channel: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        shape = [1] * out.dim()
+        shape[1 if out.dim() > 2 else -1] = -1
+        return per_channel.reshape(shape)  # (C,) -> broadcast over the output's channel dim
+
+    def _apply_bn(self, y_unscaled: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = self.training and not self.bn_frozen
+        return F.batch_norm(
+            y_unscaled,
+            self.bn.running_mean,
+            self.bn.running_var,
+            self.bn.weight,
+            self.bn.bias,
+            training=use_batch_stats,
+            momentum=self.bn.momentum if self.bn.momentum is not None else 0.1,
+            eps=self.bn.eps,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_fq is not None:
+            x = self.input_fq(x)
+        if self.bn is None:
+            y = self._compute(x, self.weight_fq(self.weight), self.bias)
+        else:
+            factor = self._bn_scale()
+            y = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
+            y = y / self._output_broadcast(factor, y)
+            if self.bias is not None:
+                y = y + self._output_broadcast(self.bias, y)
+            y = self._apply_bn(y)
+        if self.activation is not None:
+            y = FUSED_ACTIVATIONS[self.activation][0](y)
+        return y
+
+    def _compute(self, x, weight, bias):
+        raise NotImplementedError(f"{type(self).__name__} must implement _compute()")
+
+    def _copy_params(self, float_module: nn.Module) -> None:
+        self.weight = nn.Parameter(float_module.weight.detach().clone(), float_module.weight.requires_grad)
+        bias = float_module.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+
+    def extra_repr(self) -> str:
+        parts = [f"bn={'frozen' if self.bn_frozen else 'live'}" if self.bn is not None else "no bn"]
+        return ", ".join(parts + ([f"activation={self.activation}"] if self.activation else []))
+
+
+class QConv(QuantizedWeightModule):
+    """Conv1d/2d/3d (any groups, stride, padding, dilation) with fake-quantized weight."""
+
+    def __init__(self, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, weight_cfg, bn=None, activation=None):
+        super().__init__()
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QConv supports padding_mode='zeros' only, got {conv.padding_mode!r}")
+        self.float_type = type(conv)
+        self.conv_fn = CONV_FUNCTIONS[type(conv)]
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self._copy_params(conv)
+        self._init_common(weight_cfg, bn, activation)
+
+    @classmethod
+    def from_float(cls, conv, weight_cfg, bn=None, activation=None) -> "QConv":
+        return cls(conv, weight_cfg, bn, activation)
+
+    def _compute(self, x, weight, bias):
+        return self.conv_fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QConvTranspose2d(QuantizedWeightModule):
+    """ConvTranspose2d with fake-quantized weight (per-channel on axis 1: output channels)."""
+
+    weight_axis = 1
+
+    def __init__(self, conv: nn.ConvTranspose2d, weight_cfg, bn=None, activation=None):
+        super().__init__()
+        if conv.groups != 1:
+            raise ValueError("QConvTranspose2d supports groups=1 only (per-output-channel weight scales)")
+        self.float_type = type(conv)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.output_padding, self.groups = conv.output_padding, conv.groups
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self._copy_params(conv)
+        self._init_common(weight_cfg, bn, activation)
+
+    @classmethod
+    def from_float(cls, conv, weight_cfg, bn=None, activation=None) -> "QConvTranspose2d":
+        return cls(conv, weight_cfg, bn, activation)
+
+    def _compute(self, x, weight, bias):
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+
+class QLinear(QuantizedWeightModule):
+    """Linear with fake-quantized weight, optional fused BatchNorm1d and activation."""
+
+    def __init__(self, linear: nn.Linear, weight_cfg, bn=None, activation=None):
+        super().__init__()
+        self.float_type = type(linear)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._copy_params(linear)
+        self._init_common(weight_cfg, bn, activation)
+
+    @classmethod
+    def from_float(cls, linear, weight_cfg, bn=None, activation=None) -> "QLinear":
+        return cls(linear, weight_cfg, bn, activation)
+
+    def _compute(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+
+# float module type -> QAT module type (convert has the matching table QAT -> int8)
+FLOAT_TO_QAT: dict[type[nn.Module], type[QuantizedWeightModule]] = {
+    nn.Conv1d: QConv,
+    nn.Conv2d: QConv,
+    nn.Conv3d: QConv,
+    nn.ConvTranspose2d: QConvTranspose2d,
+    nn.Linear: QLinear,
+}
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
