@@ -1,0 +1,154 @@
+"""Triton kernels of the cuda backend: GEMM epilogue (requantize), elementwise add/mul, int8 batched matmul.
+
+Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
+Every kernel ends with the project's requantization, ``clamp(rint(y * inv_scale) + z, lo, hi)`` with
+``rint`` rounding half to even like ``torch.round``; when the output pointer is float32 the kernel
+stores ``y`` instead (after a ReLU when asked).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from triton.language.extra import libdevice
+
+from qat.kernels.types import ActQParams
+
+_EPILOGUE_BLOCK = (32, 128)
+_ELEMENTWISE_BLOCK = 1024
+_BMM_BLOCK = (64, 64, 64)
+
+
+@triton.jit
+def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr):
+    if OUT_FLOAT:
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(out_ptrs, y, mask=mask)
+    else:
+        q = libdevice.rint(y * inv_scale) + zero_point
+        q = tl.minimum(tl.maximum(q, lo), hi)
+        tl.store(out_ptrs, q.to(tl.int32).to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_epilogue_kernel(acc_ptr, acc_stride, wsum_ptr, offset, x_scale, w_scale_ptr, bias_ptr, out_ptr,
+                          out_stride, M, N,
+                          inv_scale, zero_point, lo, hi, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                          RELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    acc = tl.load(acc_ptr + rm[:, None] * acc_stride + rn[None, :], mask=mask, other=0)
+    wsum = tl.load(wsum_ptr + rn, mask=rn < N, other=0)
+    acc = acc + offset * wsum[None, :]  # undo the zero-point shift of the activations
+    mult = tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0) * x_scale  # s_x * s_w[n] in float32
+    y = acc.to(tl.float32) * mult[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    _store_output(out_ptr + rm[:, None] * out_stride + rn[None, :], y, mask, inv_scale, zero_point, lo, hi,
+                  OUT_FLOAT, RELU)
+
+
+@triton.jit
+def _binary_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zero, b_scale, b_zero, inv_scale, zero_point, lo, hi,
+                   IS_MUL: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = (tl.load(a_ptr + offs, mask=mask, other=0).to(tl.float32) - a_zero) * a_scale
+    b = (tl.load(b_ptr + offs, mask=mask, other=0).to(tl.float32) - b_zero) * b_scale
+    y = a * b if IS_MUL else a + b
+    _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, False, False)
+
+
+@triton.jit
+def _signed(x, UNSIGNED: tl.constexpr):
+    """uint8 ``u`` -> int8 ``u - 128``; int8 unchanged."""
+    if UNSIGNED:
+        return (x.to(tl.int32) - 128).to(tl.int8)
+    return x
+
+
+@triton.jit
+def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
+                a_offset, b_offset, mult, inv_scale, zero_point, lo, hi, A_UNSIGNED: tl.constexpr,
+                B_UNSIGNED: tl.constexpr, OUT_FLOAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BK: tl.constexpr):
+    batch = tl.program_id(2)
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    a_rows = tl.zeros((BM,), dtype=tl.int32)
+    b_cols = tl.zeros((BN,), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        a_mask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
+        b_mask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
+        a = tl.load(a_ptr + batch * sab + rm[:, None] * sam + (k0 + rk[None, :]) * sak, mask=a_mask, other=0)
+        b = tl.load(b_ptr + batch * sbb + (k0 + rk[:, None]) * sbk + rn[None, :] * sbn, mask=b_mask, other=0)
+        a = tl.where(a_mask, _signed(a, A_UNSIGNED), 0).to(tl.int8)
+        b = tl.where(b_mask, _signed(b, B_UNSIGNED), 0).to(tl.int8)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+        a_rows += tl.sum(a.to(tl.int32), axis=1)
+        b_cols += tl.sum(b.to(tl.int32), axis=0)
+    # sum_k (a_s + a_off)(b_s + b_off) = a_s.b_s + b_off*rows(a_s) + a_off*cols(b_s) + K*a_off*b_off
+    acc += b_offset * a_rows[:, None] + a_offset * b_cols[None, :] + K * a_offset * b_offset
+    y = acc.to(tl.float32) * mult
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    out_ptrs = out_ptr + batch * sob + rm[:, None] * som + rn[None, :] * son
+    _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
+
+
+def signed_offset(qp: ActQParams) -> int:
+    """``o`` such that ``q - z == signed(q) + o`` (signed(q) = q - 128 for uint8, q for int8)."""
+    return 128 - qp.zero_point if qp.dtype == torch.uint8 else -qp.zero_point
+
+
+def _requant_args(out_qp: ActQParams | None, relu: bool) -> tuple[float, int, int, int]:
+    if out_qp is None:
+        return 1.0, 0, 0, 0
+    return out_qp.inv_scale, out_qp.zero_point, out_qp.relu_floor if relu else out_qp.qmin, out_qp.qmax
+
+
+def gemm_epilogue(acc: Tensor, wsum: Tensor, x_qp: ActQParams, w_scale: Tensor, bias: Tensor | None, rows: int,
+                  out_qp: ActQParams | None, relu: bool) -> Tensor:
+    """``[rows, N]`` output of ``(acc + offset * wsum) * (s_x * s_w) + bias``, requantized (float if out_qp is None).
+
+    ``acc`` is the (possibly padded) int32 GEMM of signed activations, ``[>= rows, >= N]``; N is ``w_scale.numel()``.
+    """
+    n = w_scale.numel()
+    dtype = torch.float32 if out_qp is None else out_qp.dtype
+    out = torch.empty(rows, n, dtype=dtype, device=acc.device)
+    bm, bn = _EPILOGUE_BLOCK
+    grid = (triton.cdiv(rows, bm), triton.cdiv(n, bn))
+    _gemm_epilogue_kernel[grid](acc, acc.stride(0), wsum, signed_offset(x_qp), x_qp.scale, w_scale,
+                                w_scale if bias is None else bias, out,
+                                out.stride(0), rows, n, *_requant_args(out_qp, relu), HAS_BIAS=bias is not None,
+                                OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn)
+    return out
+
+
+def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: ActQParams, relu: bool,
+           is_mul: bool) -> Tensor:
+    """Fused dequantize-add/mul-requantize of two tensors with the same shape and the same dense layout."""
+    out = torch.empty_like(a, dtype=out_qp.dtype)
+    n = a.numel()
+    _binary_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
+        a, b, out, n, a_qp.scale, a_qp.zero_point, b_qp.scale, b_qp.zero_point, *_requant_args(out_qp, relu),
+        IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK)
+    return out
+
+
+def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, out_qp: ActQParams | None) -> Tensor:
+    """Batched ``[B, M, K] @ [B, K, N]`` of two quantized activations, int32-exact, fused requantization."""
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = torch.empty(batch, m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=a.device)
+    bm, bn, bk = _BMM_BLOCK
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), batch)
+    _bmm_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
+                      signed_offset(b_qp), mult, *_requant_args(out_qp, False),
+                      A_UNSIGNED=a.dtype == torch.uint8, B_UNSIGNED=b.dtype == torch.uint8,
+                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk)
+    return out

@@ -1,0 +1,170 @@
+"""Plain data shared by every kernel backend: activation qparams, conv geometry, int8 weights, the interface.
+
+Every backend takes and returns plain tensors (``torch.uint8`` / ``torch.int8`` / ``torch.float32``) plus
+these dataclasses; nothing here touches quantized dtypes.
+
+>>> qp = ActQParams(scale=0.1, zero_point=128, qmin=0, qmax=255)
+>>> qp.dtype, qp.relu_floor
+(torch.uint8, 128)
+>>> ConvGeometry(stride=2, padding=1).stride
+(2, 2)
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+_DTYPE_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (returned as a Python float, exactly representable)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """Per-tensor affine activation qparams: ``q = clamp(round(x * inv_scale) + zero_point, qmin, qmax)``.
+
+    ``scale`` is stored rounded to float32 (what fake-quant uses); the integer dtype is uint8 when
+    ``qmin >= 0`` else int8, and [qmin, qmax] may be narrower than the dtype (e.g. reduce_range [0, 127]).
+    """
+
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", float32(float(self.scale)))
+        if not (self.scale > 0 and self.scale < float("inf")):
+            raise ValueError(f"scale must be positive and finite, got {self.scale}")
+        lo, hi = _DTYPE_RANGES[self.dtype]
+        if not lo <= self.qmin < self.qmax <= hi:
+            raise ValueError(f"[qmin, qmax] = [{self.qmin}, {self.qmax}] must lie in [{lo}, {hi}] with qmin < qmax")
+        if not self.qmin <= self.zero_point <= self.qmax:
+            raise ValueError(f"zero_point {self.zero_point} outside [{self.qmin}, {self.qmax}]")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8 if self.qmin >= 0 else torch.int8
+
+    @property
+    def inv_scale(self) -> float:
+        """``1 / scale`` computed in float32, exactly as ``torch.fake_quantize_per_tensor_affine`` does."""
+        return float32(1.0 / self.scale)
+
+    @property
+    def relu_floor(self) -> int:
+        """Lower clamp bound of a fused ReLU: ``max(qmin, zero_point)``."""
+        return max(self.qmin, self.zero_point)
+
+    @property
+    def full_range(self) -> bool:
+        """True when [qmin, qmax] is the whole range of ``dtype``."""
+        return (self.qmin, self.qmax) == _DTYPE_RANGES[self.dtype]
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {value!r}")
+    return pair
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Geometry of a 2-d convolution; ints are expanded to pairs. ``output_padding`` is for transposed conv."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    output_padding: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        for name in ("stride", "padding", "dilation", "output_padding"):
+            object.__setattr__(self, name, _pair(getattr(self, name), name))
+        if self.groups < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"invalid conv geometry {self}")
+
+
+@dataclass(frozen=True, eq=False)
+class Int8Weight:
+    """Symmetric per-output-channel int8 weight (zero point 0); per-tensor means all scales equal.
+
+    ``q`` is ``[out, in/groups, *kernel]`` for Linear/Conv. For ConvTranspose it keeps torch's layout
+    ``[in, out/groups, *kernel]`` while ``scale`` stays per output channel (``[out]``).
+    """
+
+    q: Tensor
+    scale: Tensor
+
+    def __post_init__(self) -> None:
+        if self.q.dtype != torch.int8 or self.q.dim() < 2:
+            raise ValueError(f"q must be an int8 tensor of rank >= 2, got {self.q.dtype} {tuple(self.q.shape)}")
+        if self.scale.dtype != torch.float32 or self.scale.dim() != 1:
+            raise ValueError(f"scale must be a 1-d float32 tensor, got {self.scale.dtype} {tuple(self.scale.shape)}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.scale.numel()
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """What ``pack_*`` returns: the caller's weight, float32 bias and geometry, plus backend-private data."""
+
+    weight: Int8Weight
+    bias: Tensor | None
+    geometry: ConvGeometry | None = None
+    native: Any = field(default=None, repr=False)
+
+
+class KernelBackend(Protocol):
+    """The interface every backend implements (reference, fbgemm, cuda); signatures are identical.
+
+    Activations are "backend tensors": what ``to_backend(q, qp)`` returns. On reference and cuda that is
+    the plain uint8/int8 tensor itself; on fbgemm an opaque torch quantized tensor, so consecutive ops
+    skip conversions. ``out_qp=None`` returns float32 ``y``; otherwise a backend tensor quantized to out_qp.
+    """
+
+    name: str
+
+    def to_backend(self, q: Tensor, qp: ActQParams) -> Tensor: ...
+
+    def from_backend(self, t: Tensor, qp: ActQParams) -> Tensor: ...
+
+    def quantize(self, x: Tensor, qp: ActQParams) -> Tensor: ...
+
+    def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor: ...
+
+    def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed: ...
+
+    def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
+               out_qp: ActQParams | None = None, relu: bool = False) -> Tensor: ...
+
+    def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed: ...
+
+    def conv2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
+               out_qp: ActQParams | None = None, relu: bool = False) -> Tensor: ...
+
+    def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed: ...
+
+    def conv_transpose2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
+                         out_qp: ActQParams | None = None, relu: bool = False) -> Tensor: ...
+
+    def add(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
+            out_qp: ActQParams, relu: bool = False) -> Tensor: ...
+
+    def mul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
+            out_qp: ActQParams, relu: bool = False) -> Tensor: ...
+
+    def cat(self, tensors: Sequence[Tensor], qps: Sequence[ActQParams], dim: int, out_qp: ActQParams) -> Tensor: ...
+
+    def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
+               out_qp: ActQParams | None = None) -> Tensor: ...
