@@ -16,6 +16,7 @@ $QAT_DATA_ROOT); the decoded arrays of the JPEG sources are cached under $QAT_CA
     ((4, 3, 32, 32), torch.float32, (4,), torch.int64)
 """
 import hashlib
+import io
 import os
 import pickle
 import tarfile
@@ -27,8 +28,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # The normalisation the shared pretrained CIFAR ResNets were trained with (ImageNet statistics).
@@ -167,18 +168,23 @@ def _tar_members(archive: Path) -> Iterator[tuple[PurePosixPath, Callable[[], by
 
 def _decode_tree(members: Iterable[tuple[PurePosixPath, Callable[[], bytes]]]) -> dict[str, np.ndarray]:
     """Decode .../<split>/<class>/<file> images into {split}_x [N, 3, H, W] uint8, {split}_y, classes."""
-    decoded = {split: [] for split in SPLITS}  # split -> [(class, file name, CHW uint8 tensor)]
+    decoded = {split: [] for split in SPLITS}  # split -> [(class, file name, (H, W), RGB bytes)]
     for path, read in members:
         split, class_name = path.parts[-3], path.parts[-2]
         if split in decoded:
-            raw = torch.frombuffer(bytearray(read()), dtype=torch.uint8)
-            decoded[split].append((class_name, path.name, decode_image(raw, mode=ImageReadMode.RGB)))
-    classes = sorted({class_name for items in decoded.values() for class_name, _, _ in items})
-    arrays = {"classes": np.array(classes)}
+            with Image.open(io.BytesIO(read())) as image:
+                rgb = image if image.mode == "RGB" else image.convert("RGB")
+                decoded[split].append((class_name, path.name, (rgb.height, rgb.width), rgb.tobytes()))
+    classes = sorted({item[0] for items in decoded.values() for item in items})
+    sizes = {item[2] for items in decoded.values() for item in items}
+    if len(sizes) != 1:
+        raise ValueError(f"expected images of a single size to cache as one array, found {sorted(sizes) or 'none'}")
+    (height, width), arrays = sizes.pop(), {"classes": np.array(classes)}
     for split, items in decoded.items():
         items.sort(key=lambda item: item[:2])
-        arrays[f"{split}_x"] = torch.stack([image for _, _, image in items]).numpy()
-        arrays[f"{split}_y"] = np.array([classes.index(class_name) for class_name, _, _ in items], dtype=np.int64)
+        pixels = np.frombuffer(b"".join(item[3] for item in items), dtype=np.uint8)
+        arrays[f"{split}_x"] = pixels.reshape(-1, height, width, 3).transpose(0, 3, 1, 2).copy()  # NHWC -> NCHW
+        arrays[f"{split}_y"] = np.array([classes.index(item[0]) for item in items], dtype=np.int64)
     return arrays
 
 
