@@ -1,8 +1,8 @@
 """Triton kernels of the cuda backend: GEMM epilogue (requantize), elementwise add/mul, int8 batched matmul.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
-Every kernel ends with the project's requantization, ``clamp(rint(y * inv_scale) + z, lo, hi)`` with
-``rint`` rounding half to even like ``torch.round``; when the output pointer is float32 the kernel
+Every kernel ends with the project's requantization, ``clamp(round(y * inv_scale) + z, lo, hi)`` with
+rounding half to even like ``torch.round``; when the output pointer is float32 the kernel
 stores ``y`` instead (after a ReLU when asked).
 """
 from __future__ import annotations
@@ -11,7 +11,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
 from qat.kernels.types import ActQParams
 
@@ -21,13 +20,22 @@ _BMM_BLOCK = (64, 64, 64)
 
 
 @triton.jit
+def _round_half_even(x):
+    """Like ``torch.round``: exact for every float32 (``x - floor(x)`` is exact)."""
+    f = tl.floor(x)
+    frac = x - f
+    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & f_is_odd), f + 1.0, f)
+
+
+@triton.jit
 def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr):
     if OUT_FLOAT:
         if RELU:
             y = tl.maximum(y, 0.0)
         tl.store(out_ptrs, y, mask=mask)
     else:
-        q = libdevice.rint(y * inv_scale) + zero_point
+        q = _round_half_even(y * inv_scale) + zero_point
         q = tl.minimum(tl.maximum(q, lo), hi)
         tl.store(out_ptrs, q.to(tl.int32).to(out_ptrs.dtype.element_ty), mask=mask)
 

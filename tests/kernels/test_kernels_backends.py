@@ -1,0 +1,206 @@
+"""Every backend of the table against the reference backend, on random int8 data."""
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import (
+    BACKEND_PARAMS,
+    OnBackend,
+    activation_qmax,
+    activation_qparams,
+    assert_float_agree,
+    assert_quantized_agree,
+    fitted_qparams,
+    random_activation,
+    random_weight,
+)
+
+from qat.kernels.reference import ReferenceBackend
+from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight
+
+REF = ReferenceBackend()
+OUTPUTS = ["float", "float_relu", "quant", "quant_relu"]
+
+# (activation shape, out features, per-channel weight, bias)
+LINEAR_CASES = [((1, 16), 8, True, True), ((5, 13), 7, True, False), ((33, 64), 40, False, True),
+                ((64, 100), 30, True, True), ((2, 3, 24), 9, True, True), ((17, 8), 1, True, False)]
+
+# (N, C, H, W, out, kernel, stride, padding, dilation, groups, channels_last)
+CONV_CASES = [
+    (2, 3, 17, 17, 16, 7, 2, 3, 1, 1, False),  # resnet stem, C=3
+    (1, 8, 9, 9, 8, 3, 1, 1, 1, 1, True),
+    (2, 13, 10, 10, 6, 3, 2, 1, 1, 1, False),  # channels not multiple of 8, stride 2
+    (1, 16, 12, 12, 24, 1, 1, 0, 1, 1, True),  # 1x1
+    (1, 16, 12, 12, 24, 1, 2, 0, 1, 1, False),  # 1x1 stride 2 (downsample)
+    (1, 12, 11, 11, 12, 3, 1, 2, 2, 1, True),  # dilation
+    (1, 12, 10, 10, 18, 3, 1, 1, 1, 3, False),  # groups
+    (2, 16, 10, 10, 16, 3, 2, 1, 1, 16, True),  # depthwise
+    (1, 5, 8, 8, 7, 5, 1, 2, 1, 1, False),  # 5x5, odd channels
+]
+
+# (N, C, H, W, out, kernel, stride, padding, output_padding, groups, per-channel)
+CONV_TRANSPOSE_CASES = [(1, 8, 5, 5, 6, 3, 2, 1, 1, 1, False), (2, 8, 6, 6, 4, 4, 2, 1, 0, 2, True),
+                        (1, 4, 7, 7, 8, 3, 1, 1, 0, 1, True)]
+
+
+def _finish_case(on, op, inputs, out, signed, **kwargs):
+    """Run ``op`` on the reference (CPU) and on ``on`` with output qparams fitted to the float result."""
+    ref_op, be_op = getattr(REF, op), getattr(on.backend, op)
+    relu = out.endswith("relu")
+    y_ref = ref_op(*inputs["ref"], out_qp=None, relu=relu, **kwargs)
+    if out.startswith("float"):
+        assert_float_agree(on.back(be_op(*inputs["backend"], out_qp=None, relu=relu, **kwargs), None), y_ref)
+        return
+    out_qp = fitted_qparams(y_ref, signed)
+    expected = ref_op(*inputs["ref"], out_qp=out_qp, relu=relu, **kwargs)
+    got = on.back(be_op(*inputs["backend"], out_qp=out_qp, relu=relu, **kwargs), out_qp)
+    assert_quantized_agree(got, expected)
+
+
+@pytest.mark.parametrize("out", OUTPUTS)
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("x_shape,n,per_channel,with_bias", LINEAR_CASES)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_linear(backend_name, x_shape, n, per_channel, with_bias, signed, out):
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(signed, activation_qmax(backend_name))
+    x = random_activation(x_shape, x_qp)
+    weight = random_weight((n, x_shape[-1]), per_channel)
+    bias = torch.randn(n) if with_bias else None
+    inputs = {"ref": (x, x_qp, REF.pack_linear(weight, bias)),
+              "backend": (on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, bias))}
+    _finish_case(on, "linear", inputs, out, signed)
+
+
+@pytest.mark.parametrize("out", OUTPUTS)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:10])))
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_conv2d(backend_name, case, out):
+    n, c, h, w, k, kernel, stride, padding, dilation, groups, channels_last = case
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation((n, c, h, w), x_qp)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = random_weight((k, c // groups, kernel, kernel))
+    bias = torch.randn(k)
+    geometry = ConvGeometry(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    inputs = {"ref": (x, x_qp, REF.pack_conv2d(weight, bias, geometry)),
+              "backend": (on.act(x, x_qp), x_qp, on.backend.pack_conv2d(weight, bias, geometry))}
+    _finish_case(on, "conv2d", inputs, out, signed=False)
+
+
+@pytest.mark.parametrize("out", OUTPUTS)
+@pytest.mark.parametrize("case", CONV_TRANSPOSE_CASES, ids=lambda c: "x".join(map(str, c[:10])))
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_conv_transpose2d(backend_name, case, out):
+    n, c, h, w, k, kernel, stride, padding, output_padding, groups, per_channel = case
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation((n, c, h, w), x_qp)
+    weight = random_weight((c, k // groups, kernel, kernel), per_channel, channels=k)
+    geometry = ConvGeometry(stride=stride, padding=padding, groups=groups, output_padding=output_padding)
+    bias = torch.randn(k)
+    inputs = {"ref": (x, x_qp, REF.pack_conv_transpose2d(weight, bias, geometry)),
+              "backend": (on.act(x, x_qp), x_qp, on.backend.pack_conv_transpose2d(weight, bias, geometry))}
+    _finish_case(on, "conv_transpose2d", inputs, out, signed=False)
+
+
+BINARY_SHAPES = [((2, 8, 6, 6), (2, 8, 6, 6)), ((3, 50), (3, 50)), ((2, 8, 5, 5), (2, 8, 1, 1))]
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("shapes", BINARY_SHAPES, ids=str)
+@pytest.mark.parametrize("op", ["add", "mul"])
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_add_mul(backend_name, op, shapes, signed, relu):
+    on = OnBackend(backend_name)
+    a_qp, b_qp = activation_qparams(signed, scale=0.03), activation_qparams(signed, scale=0.05)
+    a, b = random_activation(shapes[0], a_qp), random_activation(shapes[1], b_qp)
+    out_qp = fitted_qparams(_float_binary(op, a, a_qp, b, b_qp), signed)
+    expected = getattr(REF, op)(a, a_qp, b, b_qp, out_qp, relu)
+    got = getattr(on.backend, op)(on.act(a, a_qp), a_qp, on.act(b, b_qp), b_qp, out_qp, relu)
+    assert_quantized_agree(on.back(got, out_qp), expected)
+
+
+def _float_binary(op, a, a_qp, b, b_qp):
+    fa, fb = REF.dequantize(a, a_qp), REF.dequantize(b, b_qp)
+    return fa * fb if op == "mul" else fa + fb
+
+
+@pytest.mark.parametrize("same_qparams", [False, True])
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_cat(backend_name, same_qparams):
+    on = OnBackend(backend_name)
+    shapes = [(2, 3, 4, 5), (2, 6, 4, 5), (2, 1, 4, 5)]
+    qps = [activation_qparams(False, scale=0.02 if same_qparams else 0.01 * (i + 1)) for i in range(3)]
+    if same_qparams:
+        qps = [qps[0]] * 3
+    tensors = [random_activation(s, qp) for s, qp in zip(shapes, qps)]
+    out_qp = qps[0] if same_qparams else activation_qparams(False, scale=0.025)
+    expected = REF.cat(tensors, qps, 1, out_qp)
+    got = on.backend.cat([on.act(t, qp) for t, qp in zip(tensors, qps)], qps, 1, out_qp)
+    assert_quantized_agree(on.back(got, out_qp), expected)
+
+
+MATMUL_SHAPES = [((2, 3, 20, 24), (2, 3, 24, 18)), ((40, 33), (33, 7)), ((20, 16), (4, 16, 18))]
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signs", [(False, False), (True, False), (True, True)], ids=["u8u8", "s8u8", "s8s8"])
+@pytest.mark.parametrize("shapes", MATMUL_SHAPES, ids=str)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_matmul(backend_name, shapes, signs, out):
+    on = OnBackend(backend_name)
+    a_qp, b_qp = activation_qparams(signs[0], scale=0.03), activation_qparams(signs[1], scale=0.02)
+    a, b = random_activation(shapes[0], a_qp), random_activation(shapes[1], b_qp)
+    y_ref = REF.matmul(a, a_qp, b, b_qp)
+    out_qp = None if out == "float" else fitted_qparams(y_ref, signs[0])
+    got = on.back(on.backend.matmul(on.act(a, a_qp), a_qp, on.act(b, b_qp), b_qp, out_qp), out_qp)
+    if out_qp is None:
+        assert_float_agree(got, y_ref)
+    else:
+        assert_quantized_agree(got, REF.matmul(a, a_qp, b, b_qp, out_qp))
+
+
+@pytest.mark.parametrize("qp", [ActQParams(0.05, 7, 0, 255), ActQParams(0.05, 0, 0, 127), ActQParams(0.1, -3, -127, 127)],
+                         ids=["u8", "u8_reduce_range", "s8_narrow"])
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_quantize_dequantize_round_trip(backend_name, qp):
+    on = OnBackend(backend_name)
+    x = torch.randn(2, 3, 5, 5) * 6
+    q = on.backend.quantize(x.to(on.device), qp)
+    assert torch.equal(on.back(q, qp), REF.quantize(x, qp))
+    assert torch.equal(on.backend.dequantize(q, qp).cpu(), REF.dequantize(REF.quantize(x, qp), qp))
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_narrow_output_range_is_clamped(backend_name):
+    """A reduce-range output ([0, 127]) must be clamped to 127 even where the dtype would allow more."""
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation((40, 32), x_qp)
+    weight, bias = random_weight((16, 32)), torch.randn(16)
+    y = REF.linear(x, x_qp, REF.pack_linear(weight, bias))
+    out_qp = ActQParams(scale=float(y.abs().max()) / 200, zero_point=40, qmin=0, qmax=127)  # saturates often
+    expected = REF.linear(x, x_qp, REF.pack_linear(weight, bias), out_qp)
+    got = on.back(on.backend.linear(on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, bias), out_qp), out_qp)
+    assert int(expected.max()) == 127 and int(got.max()) == 127
+    assert_quantized_agree(got, expected)
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_exact_ties_round_half_to_even(backend_name):
+    """s_x = 1, s_w = 0.5, s_out = 1: every odd accumulator lands exactly on .5 and must round to even."""
+    on = OnBackend(backend_name)
+    x_qp = ActQParams(scale=1.0, zero_point=0, qmin=0, qmax=255)
+    x = torch.randint(0, 4, (64, 24), dtype=torch.uint8)
+    weight = Int8Weight(q=torch.randint(-3, 4, (16, 24), dtype=torch.int8), scale=torch.full((16,), 0.5))
+    out_qp = ActQParams(scale=1.0, zero_point=100, qmin=0, qmax=255)
+    expected = REF.linear(x, x_qp, REF.pack_linear(weight, None), out_qp)
+    acc = x.int() @ weight.q.int().T
+    assert bool((acc % 2 == 1).any())  # the case really has ties
+    assert torch.equal(expected.int(), torch.round(acc / 2).int() + 100)
+    got = on.back(on.backend.linear(on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, None), out_qp), out_qp)
+    assert torch.equal(got, expected)
