@@ -1,9 +1,11 @@
 """Histogram observers: histogram bookkeeping, clipping quality against min-max, per-channel, state."""
+import doctest
 import time
 
 import pytest
 import torch
 
+from qat.quant import histogram, range_search
 from qat.quant.affine import fake_quantize, qparams_from_minmax
 from qat.quant.histogram import EntropyObserver, HistogramObserver, MSEObserver, PercentileObserver
 from qat.quant.observers import MinMaxObserver
@@ -278,3 +280,22 @@ def test_invalid_arguments_are_rejected(build, match):
 def test_no_data_is_an_error():
     with pytest.raises(RuntimeError, match="no data"):
         MSEObserver(SYM_S8).calculate_qparams()
+
+
+@pytest.mark.parametrize("module", [histogram, range_search], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("spec", [ASYM_U8, per_channel(SYM_S8)], ids=["tensor", "channel"])
+def test_cuda_matches_cpu(name, spec):
+    batches = [torch.randn(16, 8, 9, 9) * 3, torch.randn(16, 8, 9, 9) * 12]
+    cpu = observed(ALL[name], spec, *batches, bins=512)
+    gpu = observed(lambda s, bins: ALL[name](s, bins=bins).cuda(), spec, *(b.cuda() for b in batches), bins=512)
+    torch.testing.assert_close(gpu.histogram.cpu(), cpu.histogram, rtol=1e-9, atol=1e-9)
+    for on_gpu, on_cpu in zip(gpu.calculate_qparams(), cpu.calculate_qparams()):
+        assert on_gpu.is_cuda
+        torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=0)
