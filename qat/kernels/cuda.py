@@ -1,16 +1,21 @@
-"""CUDA int8 backend: cuBLASLt int8 GEMM (``torch._int_mm``) with fused Triton requantization.
+"""CUDA int8 backend: cuBLASLt int8 GEMM (``torch._int_mm``) for Linear, Triton kernels for the rest.
 
 Backend tensors are the plain uint8/int8 CUDA tensors (``to_backend``/``from_backend`` are identities).
+Every path accumulates int8 x int8 products in int32 and ends in the reference's float32 requantization
+(no FMA contraction), so results match the reference bit for bit except where float32(acc) rounds.
 
-* Linear and 1x1 conv: one ``_int_mm`` of int8 x int8 -> int32. ``_int_mm`` wants signed operands, more
-  than 16 rows and K, N multiples of 8: uint8 activations enter as ``q - 128`` (one xor pass, fused with
-  the padding copy), weights are zero-padded once at pack time, and the shift comes back in the epilogue
-  through the precomputed per-row weight sums: ``sum_k (q - z) w = sum_k signed(q) w + (128 - z) sum_k w``.
-* kxk conv (groups=1): channels_last im2col on int8 (border filled with the signed zero point, so padding
-  means 0.0) into a ``[N*Ho*Wo, kh*kw*C]`` matrix, then the same GEMM; outputs are channels_last.
+* Linear: one ``_int_mm``. It wants signed operands, more than 16 rows and K, N multiples of 8: uint8
+  activations enter as ``q - 128`` (one xor pass, fused with the padding copy), weights are zero-padded
+  once at pack time, and the shift comes back in a Triton epilogue (with scale, bias, ReLU, requantize)
+  through precomputed per-channel weight sums: ``sum_k (q - z) w = sum_k signed(q) w + (128 - z) sum_k w``.
+* Conv2d (groups=1, any kernel/stride/padding/dilation): one Triton implicit-GEMM kernel reading the
+  input in place (channels_last is the fast layout; taps outside the image read the zero point), with the
+  same fused epilogue. Outputs are channels_last. Measured on an H100 at ResNet-50 shapes (batch 32) it
+  beats im2col + ``_int_mm`` (~2x: no patch matrix, one launch) but its GEMM is far slower than cuBLASLt
+  on a plain 4096^3 product, hence ``_int_mm`` for Linear.
 * add/mul of same-layout tensors and batched matmul: Triton kernels (``triton_kernels``).
-* Delegated to the reference backend (exact, plain torch on the GPU), by design: grouped/depthwise conv,
-  conv_transpose2d, add/mul with broadcasting, cat with differing qparams (same qparams: plain ``torch.cat``).
+* Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: grouped/depthwise
+  conv, conv_transpose2d, add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
 
 The module imports without CUDA (Triton is imported when the backend is built); building the backend
 without a CUDA device raises RuntimeError.
@@ -56,9 +61,26 @@ def pack_gemm_weight(w2d: Tensor) -> GemmWeight:
     return GemmWeight(w=w, wsum=w2d.sum(1, dtype=torch.int32), k=k)
 
 
-def signed_zero(qp: ActQParams) -> int:
-    """The signed int8 value that represents 0.0 (``z - 128`` for uint8, ``z`` for int8)."""
-    return qp.zero_point - 128 if qp.dtype == torch.uint8 else qp.zero_point
+@dataclass(frozen=True, eq=False)
+class ConvGemmWeight:
+    """Weight of the implicit-GEMM kernel: ``w`` is ``[kh*kw*c_pad, N]`` with rows ``(kh, kw, c)``, zero
+    for ``c >= C``; ``wsum[n] = sum w[:, n]``; ``block_k`` divides ``c_pad``."""
+
+    w: Tensor
+    wsum: Tensor
+    c_pad: int
+    block_k: int
+
+
+def pack_conv_gemm_weight(q: Tensor) -> ConvGemmWeight:
+    """``[N, C, kh, kw]`` int8 conv weight (a Linear weight is ``[N, K, 1, 1]``) -> ``ConvGemmWeight``."""
+    n, c, kh, kw = q.shape
+    block_k = 64 if c >= 64 else 32
+    c_pad = _round_up(c, block_k)
+    w = torch.zeros(kh, kw, c_pad, n, dtype=torch.int8, device=q.device)
+    w[:, :, :c, :] = q.permute(2, 3, 1, 0)
+    return ConvGemmWeight(w=w.view(kh * kw * c_pad, n), wsum=q.sum((1, 2, 3), dtype=torch.int32), c_pad=c_pad,
+                          block_k=block_k)
 
 
 def write_signed(src: Tensor, qp: ActQParams, dst: Tensor) -> None:
@@ -75,21 +97,6 @@ def gemm_buffer(rows: int, cols: int, padded_cols: int, device: torch.device) ->
     padded = shape != (rows, cols)
     return torch.zeros(shape, dtype=torch.int8, device=device) if padded else torch.empty(shape, dtype=torch.int8,
                                                                                           device=device)
-
-
-def im2col_nhwc(x: Tensor, qp: ActQParams, kernel: tuple[int, int], g: ConvGeometry, padded_cols: int) -> Tensor:
-    """Signed channels_last patches of ``x`` [N, C, H, W]: ``[N*Ho*Wo (padded), kh*kw*C (padded)]`` int8."""
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, g.stride, g.padding, g.dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    framed = torch.full((n, h + 2 * ph, w + 2 * pw, c), signed_zero(qp), dtype=torch.int8, device=x.device)
-    write_signed(x.permute(0, 2, 3, 1), qp, framed[:, ph:ph + h, pw:pw + w, :])
-    s_n, s_h, s_w, _ = framed.stride()
-    patches = framed.as_strided((n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, 1))
-    cols = gemm_buffer(n * ho * wo, kh * kw * c, padded_cols, x.device)
-    cols[: n * ho * wo, : kh * kw * c].view(n, ho, wo, kh, kw, c).copy_(patches)
-    return cols
 
 
 def _require_cuda(*tensors: Tensor) -> None:
@@ -132,11 +139,11 @@ class CudaBackend:
         moved = Int8Weight(q=weight.q.to(self.device), scale=weight.scale.to(self.device))
         return moved, None if bias is None else bias.to(self.device)
 
-    def _gemm(self, signed_rows: Tensor, x_qp: ActQParams, packed: Packed, rows: int,
-              out_qp: ActQParams | None, relu: bool) -> Tensor:
-        acc = torch._int_mm(signed_rows, packed.native.w.t())  # [rows (padded), N8] int32
-        return self._triton.gemm_epilogue(acc, packed.native.wsum, x_qp, packed.weight.scale, packed.bias, rows,
-                                          out_qp, relu)
+    def _conv_gemm(self, x: Tensor, x_qp: ActQParams, packed: Packed, kernel: tuple[int, int], g: ConvGeometry,
+                   out_qp: ActQParams | None, relu: bool) -> Tensor:
+        gw = packed.native
+        return self._triton.conv_gemm(x, x_qp, gw.w, gw.c_pad, gw.block_k, gw.wsum, packed.weight.scale, packed.bias,
+                                      kernel, g.stride, g.padding, g.dilation, out_qp, relu)
 
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed:
         weight, bias = self._on_device(weight, bias)
@@ -147,9 +154,12 @@ class CudaBackend:
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
         _require_cuda(x)
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        buf = gemm_buffer(rows.shape[0], rows.shape[1], packed.native.w.shape[1], x.device)
-        write_signed(rows, x_qp, buf[: rows.shape[0], : rows.shape[1]])
-        out = self._gemm(buf, x_qp, packed, rows.shape[0], out_qp, relu)  # [M, N]
+        m, k = rows.shape
+        gw = packed.native
+        signed = gemm_buffer(m, k, gw.w.shape[1], x.device)
+        write_signed(rows, x_qp, signed[:m, :k])
+        acc = torch._int_mm(signed, gw.w.t())  # [M (padded), N8] int32
+        out = self._triton.gemm_epilogue(acc, gw.wsum, x_qp, packed.weight.scale, packed.bias, m, out_qp, relu)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
@@ -157,27 +167,18 @@ class CudaBackend:
         _REFERENCE.pack_conv2d(weight, bias, geometry)
         if geometry.groups != 1:
             return make_packed(weight, bias, geometry)
-        w2d = weight.q.permute(0, 2, 3, 1).reshape(weight.q.shape[0], -1)  # [out, kh*kw*C], im2col order
-        return make_packed(weight, bias, geometry, pack_gemm_weight(w2d))
+        return make_packed(weight, bias, geometry, pack_conv_gemm_weight(weight.q))
 
     def conv2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
         _require_cuda(x)
         if packed.native is None:
             return _REFERENCE.conv2d(x, x_qp, packed, out_qp, relu)
-        g, kernel = packed.geometry, tuple(packed.weight.q.shape[2:])
-        if kernel == (1, 1) and g.padding == (0, 0):
-            nhwc = x.permute(0, 2, 3, 1)[:, :: g.stride[0], :: g.stride[1], :]  # [N, Ho, Wo, C]
-            n, ho, wo, c = nhwc.shape
-            cols = gemm_buffer(n * ho * wo, c, packed.native.w.shape[1], x.device)
-            write_signed(nhwc, x_qp, cols[: n * ho * wo, :c].view(n, ho, wo, c))
-        else:
-            cols = im2col_nhwc(x, x_qp, kernel, g, packed.native.w.shape[1])
-            n = x.shape[0]
-            ho = (x.shape[2] + 2 * g.padding[0] - g.dilation[0] * (kernel[0] - 1) - 1) // g.stride[0] + 1
-            wo = (x.shape[3] + 2 * g.padding[1] - g.dilation[1] * (kernel[1] - 1) - 1) // g.stride[1] + 1
-        out = self._gemm(cols, x_qp, packed, n * ho * wo, out_qp, relu)  # [N*Ho*Wo, out]
-        return out.view(n, ho, wo, -1).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+        g, (kh, kw) = packed.geometry, packed.weight.q.shape[2:]
+        out = self._conv_gemm(x, x_qp, packed, (kh, kw), g, out_qp, relu)  # [N*Ho*Wo, out]
+        ho = (x.shape[2] + 2 * g.padding[0] - g.dilation[0] * (kh - 1) - 1) // g.stride[0] + 1
+        wo = (x.shape[3] + 2 * g.padding[1] - g.dilation[1] * (kw - 1) - 1) // g.stride[1] + 1
+        return out.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         weight, bias = self._on_device(weight, bias)

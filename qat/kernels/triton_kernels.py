@@ -1,7 +1,7 @@
 """Triton kernels of the cuda backend: GEMM epilogue (requantize), elementwise add/mul, int8 batched matmul.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
-Every kernel ends with the project's requantization, ``clamp(round(y * inv_scale) + z, lo, hi)`` with
+Every kernel ends with the project's requantization (float ops rounded one by one, no FMA), ``clamp(round(y * inv_scale) + z, lo, hi)`` with
 rounding half to even like ``torch.round``; when the output pointer is float32 the kernel
 stores ``y`` instead (after a ReLU when asked).
 """
@@ -17,6 +17,9 @@ from qat.kernels.types import ActQParams
 _EPILOGUE_BLOCK = (32, 128)
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
+# Round every float product and sum separately, as torch's eager ops and the reference do: a fused
+# multiply-add would move near-ties of the requantization by one LSB.
+_NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -73,9 +76,7 @@ def _binary_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zero, b_scale, b_zero, i
 @triton.jit
 def _signed(x, UNSIGNED: tl.constexpr):
     """uint8 ``u`` -> int8 ``u - 128``; int8 unchanged."""
-    if UNSIGNED:
-        return (x.to(tl.int32) - 128).to(tl.int8)
-    return x
+    return (x.to(tl.int32) - 128 * UNSIGNED).to(tl.int8)
 
 
 @triton.jit
@@ -108,6 +109,52 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, so
     _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
 
 
+@triton.jit
+def _conv_gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, C, H, W, HO, WO,
+                      sxn, sxc, sxh, sxw, x_zero, x_offset, x_scale, inv_scale, zero_point, lo, hi,
+                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
+                      PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, C_PAD: tl.constexpr,
+                      X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n, K = (kh, kw, c).
+
+    ``w`` is ``[KH*KW*C_PAD, N]`` (rows ``(kh*KW + kw)*C_PAD + c``, zero for ``c >= C``). Input taps outside
+    the image read the zero point, so ``signed(x) + x_offset == 0`` there, like zero padding.
+    """
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_group
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    wo = rm % WO
+    ho = (rm // WO) % HO
+    img = rm // (WO * HO)
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, KH * KW * C_PAD, BK):
+        tap = k0 // C_PAD
+        c = (k0 % C_PAD) + rk
+        hi_ = ho * SH - PH + (tap // KW) * DH
+        wi_ = wo * SW - PW + (tap % KW) * DW
+        inside = (rm < M) & (hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W)
+        a_ptrs = x_ptr + (img * sxn + hi_ * sxh + wi_ * sxw)[:, None] + c[None, :] * sxc
+        a = tl.load(a_ptrs, mask=inside[:, None] & (c[None, :] < C), other=x_zero)
+        b = tl.load(w_ptr + (k0 + rk)[:, None] * N + rn[None, :], mask=rn[None, :] < N, other=0)
+        acc += tl.dot(_signed(a, X_UNSIGNED), b, out_dtype=tl.int32)
+    n_mask = rn < N
+    acc += x_offset * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
+    mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
+    y = acc.to(tl.float32) * mult[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    mask = (rm[:, None] < M) & n_mask[None, :]
+    _store_output(out_ptr + rm[:, None] * N + rn[None, :], y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+
+
 def signed_offset(qp: ActQParams) -> int:
     """``o`` such that ``q - z == signed(q) + o`` (signed(q) = q - 128 for uint8, q for int8)."""
     return 128 - qp.zero_point if qp.dtype == torch.uint8 else -qp.zero_point
@@ -133,7 +180,7 @@ def gemm_epilogue(acc: Tensor, wsum: Tensor, x_qp: ActQParams, w_scale: Tensor, 
     _gemm_epilogue_kernel[grid](acc, acc.stride(0), wsum, signed_offset(x_qp), x_qp.scale, w_scale,
                                 w_scale if bias is None else bias, out,
                                 out.stride(0), rows, n, *_requant_args(out_qp, relu), HAS_BIAS=bias is not None,
-                                OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn)
+                                OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn, **_NO_FMA)
     return out
 
 
@@ -144,7 +191,39 @@ def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: Act
     n = a.numel()
     _binary_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
         a, b, out, n, a_qp.scale, a_qp.zero_point, b_qp.scale, b_qp.zero_point, *_requant_args(out_qp, relu),
-        IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK)
+        IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+    return out
+
+
+def gemm_config(m: int, n: int) -> tuple[int, int, int, int]:
+    """(BM, BN, num_warps, num_stages) of the conv GEMM for an ``m x n`` output."""
+    bm = 128 if m >= 4096 else 64
+    bn = 128 if n >= 256 and m >= 4096 else 64
+    return bm, bn, 8 if bm * bn >= 128 * 128 else 4, 4  # picked on an H100 from ResNet-50 shapes at batch 32
+
+
+def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, block_k: int, wsum: Tensor, w_scale: Tensor,
+              bias: Tensor | None, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], out_qp: ActQParams | None, relu: bool,
+              config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """Implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any memory format): ``[B*Ho*Wo, N]`` (NHWC rows).
+
+    ``w`` is the ``[kh*kw*c_pad, N]`` weight of ``_conv_gemm_kernel``; a Linear is the 1x1 conv of [M, K, 1, 1].
+    """
+    batch, c, h, wd = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    m, n = batch * ho * wo, w.shape[1]
+    out = torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=x.device)
+    bm, bn, warps, stages = config or gemm_config(m, n)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    sxn, sxc, sxh, sxw = x.stride()
+    _conv_gemm_kernel[grid](
+        x, w, wsum, w_scale, w_scale if bias is None else bias, out, m, n, c, h, wd, ho, wo, sxn, sxc, sxh, sxw,
+        x_qp.zero_point, signed_offset(x_qp), x_qp.scale, *_requant_args(out_qp, relu), KH=kh, KW=kw, SH=sh, SW=sw,
+        PH=ph, PW=pw, DH=dh, DW=dw, C_PAD=c_pad, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
+        OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn, BK=block_k, GROUP_M=8, num_warps=warps,
+        num_stages=stages, **_NO_FMA)
     return out
 
 
@@ -158,5 +237,5 @@ def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, o
     _bmm_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
                       signed_offset(b_qp), mult, *_requant_args(out_qp, False),
                       A_UNSIGNED=a.dtype == torch.uint8, B_UNSIGNED=b.dtype == torch.uint8,
-                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk)
+                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, **_NO_FMA)
     return out
