@@ -83,6 +83,9 @@ def test_learnable_init_from_observer_then_trains(cfg):
         torch.testing.assert_close(fq.scale.detach(), scale)
     params = dict(fq.named_parameters())
     assert params and all(p.requires_grad for p in params.values())
+    if cfg.range_method == "pact":
+        with torch.no_grad():
+            fq.alpha.mul_(0.5)  # clip part of x, so alpha gets a gradient
     opt = torch.optim.SGD(fq.parameters(), lr=0.1)
     before = {k: v.detach().clone() for k, v in params.items()}
     loss = (fq(x) - 0.5 * x).pow(2).sum()
