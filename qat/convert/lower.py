@@ -1,0 +1,269 @@
+"""Lower a prepared (fake-quant) GraphModule to int8 modules, reading every scale, zero point and clamp from
+the fake-quant model itself, so the int8 model computes what the fake-quant model computed.
+
+Walk the graph in order, tracking which values are int8 (and on which grid):
+  activation quantizer after an int8-capable op  -> becomes that op's output qparams (requantize epilogue)
+  activation quantizer on a float value          -> Quantize
+  QAT Conv/Linear with an int8 input             -> Int8Conv*/Int8Linear (BN folded, ReLU fused)
+  add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
+  grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
+  anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
+"""
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import fx, nn
+
+from qat.convert import modules as q8
+from qat.fx import patterns
+from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
+from qat.fx.rewrite import ACT_CONTAINER
+from qat.kernels import ActQParams, ConvGeometry, Int8Weight
+from qat.quant.affine import quantize
+from qat.quant.fake_quantize import QuantizerBase
+
+SHAPE_METHODS = frozenset({"view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze",
+                           "unsqueeze", "chunk", "split", "expand", "narrow", "unflatten"})
+SHAPE_FUNCTIONS = frozenset({torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze,
+                             torch.unsqueeze, torch.chunk, torch.split, torch.narrow})
+
+
+class ConversionError(ValueError):
+    """A layer cannot be lowered to int8 as configured (the message names it)."""
+
+
+def act_qparams(fq: QuantizerBase, relu6: bool = False) -> ActQParams | None:
+    """Per-tensor activation qparams of a quantizer, or None when it is dynamic (per-token) and stays float."""
+    if fq.spec.is_dynamic or fq.spec.is_per_channel:
+        return None
+    scale, zero = fq.qparams()
+    qmin, qmax = fq.spec.qmin, fq.spec.qmax
+    qp = ActQParams(float(scale.reshape(())), int(zero.reshape(())), qmin, qmax)
+    if relu6:  # clamp(round(min(y, 6) / s) + z) == clamp codes at round(6 / s) + z: round is monotone
+        six = int(torch.round(torch.tensor(6.0) * qp.inv_scale)) + qp.zero_point
+        qp = ActQParams(qp.scale, qp.zero_point, max(qmin, qp.zero_point), min(qmax, six))
+    return qp
+
+
+def int8_weight(module: QuantizedWeightModule, name: str) -> tuple[Int8Weight, torch.Tensor | None]:
+    """The module's (BN-folded) weight quantized with its weight quantizer's qparams, and its float bias."""
+    spec = module.weight_fq.spec
+    if not spec.symmetric or not spec.signed:
+        raise ConversionError(f"layer '{name}': int8 kernels need signed symmetric weights, got {spec.short()}")
+    with torch.no_grad():
+        weight, bias = module.folded_weight_and_bias()
+        scale, zero = module.weight_fq.qparams()
+        q = quantize(weight, scale, zero, spec)
+    per_channel = scale.float().reshape(-1).expand(module.out_channels if hasattr(module, "out_channels")
+                                                   else module.out_features).contiguous()
+    return Int8Weight(q, per_channel.clone()), (None if bias is None else bias.detach().float())
+
+
+def _geometry(m: nn.Module) -> ConvGeometry:
+    if isinstance(m, QConvTranspose2d):
+        return ConvGeometry(m.stride, m.padding, m.dilation, m.groups, m.output_padding)
+    if m.float_type is nn.Conv1d:
+        return ConvGeometry((1, m.stride[0]), (0, m.padding[0]), (1, m.dilation[0]), m.groups)
+    return ConvGeometry(m.stride, m.padding, m.dilation, m.groups)
+
+
+def int8_layer(m: QuantizedWeightModule, name: str, in_qp: ActQParams, backend: str) -> q8.Int8WeightLayer:
+    weight, bias = int8_weight(m, name)
+    relu = m.activation == "relu"
+    if isinstance(m, QLinear):
+        return q8.Int8Linear(weight, bias, in_qp, None, relu, backend)
+    if isinstance(m, QConvTranspose2d):
+        return q8.Int8ConvTranspose2d(weight, bias, in_qp, None, relu, backend, _geometry(m))
+    if isinstance(m, QConv) and m.float_type is nn.Conv1d:
+        weight = Int8Weight(weight.q.unsqueeze(2), weight.scale)  # [out, in, k] -> [out, in, 1, k]
+        return q8.Int8Conv1d(weight, bias, in_qp, None, relu, backend, _geometry(m))
+    if isinstance(m, QConv) and m.float_type is nn.Conv2d:
+        return q8.Int8Conv2d(weight, bias, in_qp, None, relu, backend, _geometry(m))
+    raise ConversionError(f"layer '{name}': no int8 kernel for {m.float_type.__name__}")
+
+
+class _Lowering:
+    def __init__(self, gm: fx.GraphModule, backend: str):
+        self.gm, self.backend = gm, backend
+        self.modules = dict(gm.named_modules())
+        self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
+        self.open_ops: dict[fx.Node, nn.Module] = {}  # int8 ops whose output qparams are not set yet
+        self.dequantized: dict[fx.Node, fx.Node] = {}
+        self.value_map: dict[str, str] = {}  # activation quantizer name -> int8 node carrying its value
+        self.relu6_ops: set[fx.Node] = set()  # layers with a fused ReLU6: their output clamp narrows
+        self.count = 0
+
+    def _add_module(self, prefix: str, module: nn.Module) -> str:
+        self.count += 1
+        name = f"int8_{prefix}_{self.count}"
+        self.gm.add_module(name, module)
+        return name
+
+    def _replace(self, node: fx.Node, module: nn.Module, prefix: str, args: tuple) -> fx.Node:
+        name = self._add_module(prefix, module)
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_module(name, args)
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        return new
+
+    def run(self) -> None:
+        for node in list(self.gm.graph.nodes):
+            if self._relu_before_quantizer(node):
+                continue  # fused into the op before it when its quantizer is reached
+            if node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizerBase):
+                self._activation_quantizer(node)
+            elif node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizedWeightModule):
+                self._layer(node)
+            elif patterns.binary_kind(node) and self._int8_args(node.args[:2]):
+                self._binary(node)
+            elif patterns.is_cat(node) and self._int8_args(node.args[0]):
+                self._cat(node)
+            elif self._int8_args(node.args[:1]) and patterns.keeps_scale(node, self.modules):
+                self._keep_grid(node)
+            else:
+                self._float_node(node)
+
+    def _relu_before_quantizer(self, node: fx.Node) -> bool:
+        if patterns.activation_kind(node, self.modules) != "relu" or not node.args:
+            return False
+        op, users = node.args[0], list(node.users)
+        is_open_binary = isinstance(self.open_ops.get(op), q8.Int8Binary) and len(op.users) == 1
+        feeds_quantizer = len(users) == 1 and isinstance(self.modules.get(users[0].target), QuantizerBase)
+        return is_open_binary and feeds_quantizer
+
+    def _int8_args(self, args) -> bool:
+        return isinstance(args, (list, tuple)) and len(args) > 0 and all(a in self.grid for a in args)
+
+    def _activation_quantizer(self, node: fx.Node) -> None:
+        fq = self.modules[node.target]
+        value = node.args[0]
+        producer = self._absorb_relu(value)
+        qp = act_qparams(fq, relu6=producer in self.relu6_ops)
+        if qp is None:
+            return self._float_node(node)  # dynamic quantizer: stays fake-quant in float
+        quantizer_name = node.target[len(ACT_CONTAINER) + 1:]
+        if producer in self.open_ops:
+            self.open_ops.pop(producer).out_qp = qp
+            self.grid[producer] = qp
+            node.replace_all_uses_with(producer)
+            self.gm.graph.erase_node(node)
+            self.value_map[quantizer_name] = producer.name
+        elif value in self.grid:
+            same = self.grid[value] == qp
+            new = value if same else self._replace_keep(node, q8.Requantize(self.grid[value], qp, self.backend), value)
+            if same:
+                node.replace_all_uses_with(value)
+                self.gm.graph.erase_node(node)
+            self.grid[new] = qp
+            self.value_map[quantizer_name] = new.name
+        else:
+            new = self._replace(node, q8.Quantize(qp, self.backend), "quantize", (value,))
+            self.grid[new] = qp
+            self.value_map[quantizer_name] = new.name
+
+    def _replace_keep(self, node: fx.Node, module: nn.Module, arg: fx.Node) -> fx.Node:
+        return self._replace(node, module, "requantize", (arg,))
+
+    def _absorb_relu(self, value: fx.Node) -> fx.Node:
+        """A ReLU between an open add/mul and its output quantizer fuses into the op."""
+        if patterns.activation_kind(value, self.modules) != "relu" or not value.args:
+            return value
+        op = value.args[0]
+        module = self.open_ops.get(op)
+        if isinstance(module, q8.Int8Binary) and module.op in ("add", "mul") and len(op.users) == 1:
+            module.relu = True
+            value.replace_all_uses_with(op)
+            self.gm.graph.erase_node(value)
+            return op
+        return value
+
+    def _layer(self, node: fx.Node) -> None:
+        module = self.modules[node.target]
+        x = node.args[0]
+        if x not in self.grid or module.input_fq is not None:
+            return self._float_node(node)
+        int8 = int8_layer(module, node.target, self.grid[x], self.backend)
+        _set_submodule(self.gm, node.target, int8)
+        self.modules[node.target] = int8
+        self.open_ops[node] = int8
+        if module.activation == "relu6":
+            self.relu6_ops.add(node)
+
+    def _binary(self, node: fx.Node) -> None:
+        a, b = node.args[:2]
+        op = q8.Int8Binary(patterns.binary_kind(node), self.grid[a], self.grid[b], self.backend)
+        new = self._replace(node, op, op.op, (a, b))
+        self.modules[new.target] = op
+        self.open_ops[new] = op
+
+    def _cat(self, node: fx.Node) -> None:
+        inputs = list(node.args[0])
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        op = q8.Int8Cat(tuple(self.grid[t] for t in inputs), dim, self.backend)
+        new = self._replace(node, op, "cat", tuple(inputs))
+        self.modules[new.target] = op
+        self.open_ops[new] = op
+
+    def _keep_grid(self, node: fx.Node) -> None:
+        qp = self.grid[node.args[0]]
+        is_shape_op = (node.op == "call_method" and node.target in SHAPE_METHODS) or (
+            node.op == "call_function" and node.target in SHAPE_FUNCTIONS | {operator.getitem})
+        if is_shape_op or isinstance(self.modules.get(node.target), (nn.Identity, nn.Dropout, nn.Flatten)):
+            self.grid[node] = qp
+            return
+        fn = self.modules[node.target] if node.op == "call_module" else node.target
+        if node.op == "call_method":
+            return self._float_node(node)
+        keep = q8.KeepGrid(fn, tuple(node.args[1:]), dict(node.kwargs), qp, self.backend)
+        new = self._replace(node, keep, "keep", (node.args[0],))
+        self.grid[new] = qp
+
+    def _float_node(self, node: fx.Node) -> None:
+        for value in list(node.all_input_nodes):
+            if value in self.open_ops:
+                self.open_ops.pop(value)  # output stays float (out_qp None)
+            elif value in self.grid:
+                node.replace_input_with(value, self._dequantized(value))
+
+    def _dequantized(self, value: fx.Node) -> fx.Node:
+        if value not in self.dequantized:
+            name = self._add_module("dequantize", q8.Dequantize(self.grid[value], self.backend))
+            with self.gm.graph.inserting_after(value):
+                self.dequantized[value] = self.gm.graph.call_module(name, (value,))
+        return self.dequantized[value]
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
+
+
+def _lower_leaf_layers(gm: fx.GraphModule, backend: str) -> None:
+    """Self-quantizing QAT layers inside leaf modules: quantize input, int8 compute, float output."""
+    for name, module in list(gm.named_modules()):
+        if isinstance(module, QuantizedWeightModule) and module.input_fq is not None:
+            in_qp = act_qparams(module.input_fq)
+            if in_qp is not None:
+                layer = int8_layer(module, name, in_qp, backend)
+                _set_submodule(gm, name, nn.Sequential(q8.Quantize(in_qp, backend), layer))
+
+
+def lower(prepared: fx.GraphModule, backend: str) -> fx.GraphModule:
+    gm = copy.deepcopy(prepared).eval()
+    for m in gm.modules():
+        if isinstance(m, QuantizerBase):
+            m.disable_observer()
+    lowering = _Lowering(gm, backend)
+    lowering.run()
+    _lower_leaf_layers(gm, backend)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.qat_value_map = lowering.value_map
+    gm.qat_grids = {node.name: qp for node, qp in lowering.grid.items() if node.graph is gm.graph}
+    gm.qat_backend = backend
+    return gm

@@ -1,0 +1,172 @@
+"""Int8 modules: plain int8 weights, float32 scales and bias, activation qparams; compute through a kernel backend.
+
+Each holds its backend by name and packs its weight for that backend lazily (packed data is not state).
+Activations between int8 modules are the backend's tensors (plain uint8/int8, or quint8 on fbgemm).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from qat.kernels import ActQParams, ConvGeometry, Int8Weight, get_backend
+
+
+class BackendModule(nn.Module):
+    """Base: remembers the backend name; the backend object itself is re-created after unpickling."""
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend_name = backend
+        self._backend = None
+
+    @property
+    def backend(self):
+        if self._backend is None:
+            self._backend = get_backend(self.backend_name)
+        return self._backend
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_backend"] = None
+        if "_packed" in state:
+            state["_packed"] = None
+        return state
+
+
+class Quantize(BackendModule):
+    """float -> backend int8 tensor with qparams `qp` (graph inputs, outputs of float ops)."""
+
+    def __init__(self, qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.qp = qp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend.quantize(x.float(), self.qp)
+
+    def extra_repr(self) -> str:
+        return f"{self.qp}"
+
+
+class Dequantize(BackendModule):
+    """backend int8 tensor -> float32, where float ops follow."""
+
+    def __init__(self, qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.qp = qp
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.dequantize(t, self.qp)
+
+    def extra_repr(self) -> str:
+        return f"{self.qp}"
+
+
+class Requantize(BackendModule):
+    """Move an int8 tensor from one grid to another: round(dequantize(t) * (1/s_out)) + z_out."""
+
+    def __init__(self, in_qp: ActQParams, out_qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.in_qp, self.out_qp = in_qp, out_qp
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.quantize(self.backend.dequantize(t, self.in_qp), self.out_qp)
+
+
+class Int8WeightLayer(BackendModule):
+    """Shared state of Int8Linear / Int8Conv*: int8 weight, scales, float bias, in/out qparams, fused ReLU."""
+
+    kind = "linear"
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams,
+                 out_qp: ActQParams | None, relu: bool, backend: str, geometry: ConvGeometry | None = None):
+        super().__init__(backend)
+        self.register_buffer("weight_int8", weight.q)
+        self.register_buffer("weight_scale", weight.scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.geometry, self.in_qp, self.out_qp, self.relu = geometry, in_qp, out_qp, relu
+        self._packed = None
+
+    @property
+    def packed(self):
+        if self._packed is None:
+            weight = Int8Weight(self.weight_int8, self.weight_scale)
+            pack = getattr(self.backend, f"pack_{self.kind}")
+            self._packed = pack(weight, self.bias) if self.geometry is None else pack(weight, self.bias, self.geometry)
+        return self._packed
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None  # device or dtype moves invalidate the packed weight
+        return super()._apply(fn, recurse)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return getattr(self.backend, self.kind)(t, self.in_qp, self.packed, self.out_qp, self.relu)
+
+    def extra_repr(self) -> str:
+        out = "float" if self.out_qp is None else f"scale={self.out_qp.scale:.4g}, zp={self.out_qp.zero_point}"
+        return f"{self.kind}, weight={tuple(self.weight_int8.shape)}, out=({out}), relu={self.relu}, {self.backend_name}"
+
+
+class Int8Linear(Int8WeightLayer):
+    kind = "linear"
+
+
+class Int8Conv2d(Int8WeightLayer):
+    kind = "conv2d"
+
+
+class Int8ConvTranspose2d(Int8WeightLayer):
+    kind = "conv_transpose2d"
+
+
+class Int8Conv1d(Int8Conv2d):
+    """Conv1d as a conv2d of height 1: weight [out, in, k] is stored as [out, in, 1, k]."""
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        out = super().forward(t.unsqueeze(2))  # (N, C, L) -> (N, C, 1, L)
+        return out.squeeze(2)
+
+
+class Int8Binary(BackendModule):
+    """add / mul / matmul of two int8 tensors, requantized to out_qp (add/mul may fuse a ReLU)."""
+
+    def __init__(self, op: str, a_qp: ActQParams, b_qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.op, self.a_qp, self.b_qp = op, a_qp, b_qp
+        self.out_qp: ActQParams | None = None
+        self.relu = False
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fn = getattr(self.backend, self.op)
+        if self.op == "matmul":
+            return fn(a, self.a_qp, b, self.b_qp, self.out_qp)
+        return fn(a, self.a_qp, b, self.b_qp, self.out_qp, self.relu)
+
+    def extra_repr(self) -> str:
+        return f"{self.op}{'+relu' if self.relu else ''}, {self.backend_name}"
+
+
+class Int8Cat(BackendModule):
+    """Concatenate int8 tensors of (possibly) different grids onto out_qp."""
+
+    def __init__(self, qps: tuple[ActQParams, ...], dim: int, backend: str):
+        super().__init__(backend)
+        self.qps, self.dim = qps, dim
+        self.out_qp: ActQParams | None = None
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.backend.cat(list(tensors), self.qps, self.dim, self.out_qp)
+
+
+class KeepGrid(BackendModule):
+    """A grid-preserving float op (max-pool, ReLU, zero padding) applied to an int8 tensor: dequantize, apply,
+    quantize onto the same grid. Exact, because the op maps grid values to grid values."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.fn, self.args, self.kwargs, self.qp = fn, args, kwargs, qp
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = self.backend.dequantize(t, self.qp)
+        return self.backend.quantize(self.fn(x, *self.args, **self.kwargs), self.qp)
