@@ -1,18 +1,19 @@
-"""CUDA int8 backend: cuBLASLt int8 GEMM (``torch._int_mm``) for Linear, Triton kernels for the rest.
+"""CUDA int8 backend: Triton int8 kernels with fused requantization.
 
 Backend tensors are the plain uint8/int8 CUDA tensors (``to_backend``/``from_backend`` are identities).
 Every path accumulates int8 x int8 products in int32 and ends in the reference's float32 requantization
 (no FMA contraction), so results match the reference bit for bit except where float32(acc) rounds.
 
-* Linear: one ``_int_mm``. It wants signed operands, more than 16 rows and K, N multiples of 8: uint8
-  activations enter as ``q - 128`` (one xor pass, fused with the padding copy), weights are zero-padded
-  once at pack time, and the shift comes back in a Triton epilogue (with scale, bias, ReLU, requantize)
+* Linear: one Triton GEMM kernel. uint8 activations become ``q - 128`` in registers (int8 tensor cores
+  want signed operands); the shift comes back in the fused epilogue (scale, bias, ReLU, requantize)
   through precomputed per-channel weight sums: ``sum_k (q - z) w = sum_k signed(q) w + (128 - z) sum_k w``.
+  Weights are stored K-major and zero-padded to the K step at pack time (with N-major weights Triton's
+  int8 dot ran 3-10x slower on an H100). On a 4096^3 product the kernel matched cuBLASLt's ``_int_mm``,
+  which needs an extra conversion pass and an int32 round trip through memory for the epilogue.
 * Conv2d (groups=1, any kernel/stride/padding/dilation): one Triton implicit-GEMM kernel reading the
   input in place (channels_last is the fast layout; taps outside the image read the zero point), with the
-  same fused epilogue. Outputs are channels_last. Measured on an H100 at ResNet-50 shapes (batch 32) it
-  beats im2col + ``_int_mm`` (~2x: no patch matrix, one launch) but its GEMM is far slower than cuBLASLt
-  on a plain 4096^3 product, hence ``_int_mm`` for Linear.
+  same fused epilogue. Outputs are channels_last. At ResNet-50 shapes (batch 32) it beat im2col +
+  ``_int_mm`` about 2x on an H100 (no patch matrix, one launch), but remains slower than bf16 cuDNN.
 * add/mul of same-layout tensors and batched matmul: Triton kernels (``triton_kernels``).
 * Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: grouped/depthwise
   conv, conv_transpose2d, add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
@@ -35,36 +36,18 @@ from torch import Tensor
 from qat.kernels.reference import ReferenceBackend, make_packed
 from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
 
-_ALIGN = 8  # _int_mm: K and N multiples of 8
-_MIN_ROWS = 17  # _int_mm: more than 16 rows
 _REFERENCE = ReferenceBackend()
-
-
-@dataclass(frozen=True, eq=False)
-class GemmWeight:
-    """Weight ready for ``_int_mm(rows, w.t())``: ``w`` is ``[N8, K8]`` zero-padded, ``wsum[n] = sum_k w[n, k]``."""
-
-    w: Tensor
-    wsum: Tensor
-    k: int
 
 
 def _round_up(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def pack_gemm_weight(w2d: Tensor) -> GemmWeight:
-    """``[N, K]`` int8 weight (columns in the order of the activation rows) -> padded GEMM weight."""
-    n, k = w2d.shape
-    w = torch.zeros(_round_up(n, _ALIGN), _round_up(k, _ALIGN), dtype=torch.int8, device=w2d.device)
-    w[:n, :k] = w2d
-    return GemmWeight(w=w, wsum=w2d.sum(1, dtype=torch.int32), k=k)
-
-
 @dataclass(frozen=True, eq=False)
 class ConvGemmWeight:
-    """Weight of the implicit-GEMM kernel: ``w`` is ``[kh*kw*c_pad, N]`` with rows ``(kh, kw, c)``, zero
-    for ``c >= C``; ``wsum[n] = sum w[:, n]``; ``block_k`` divides ``c_pad``."""
+    """Weight of the implicit-GEMM kernel: ``w`` is ``[N, kh*kw*c_pad]`` (K contiguous: the layout int8
+    tensor-core GEMMs need) with columns ``(kh, kw, c)``, zero for ``c >= C``; ``wsum[n] = sum w[n]``;
+    ``block_k`` divides ``c_pad``."""
 
     w: Tensor
     wsum: Tensor
@@ -72,31 +55,15 @@ class ConvGemmWeight:
     block_k: int
 
 
-def pack_conv_gemm_weight(q: Tensor) -> ConvGemmWeight:
+def pack_conv_gemm_weight(q: Tensor, block_k: int | None = None) -> ConvGemmWeight:
     """``[N, C, kh, kw]`` int8 conv weight (a Linear weight is ``[N, K, 1, 1]``) -> ``ConvGemmWeight``."""
     n, c, kh, kw = q.shape
-    block_k = 64 if c >= 64 else 32
+    block_k = block_k or (64 if c >= 64 else 32)
     c_pad = _round_up(c, block_k)
-    w = torch.zeros(kh, kw, c_pad, n, dtype=torch.int8, device=q.device)
-    w[:, :, :c, :] = q.permute(2, 3, 1, 0)
-    return ConvGemmWeight(w=w.view(kh * kw * c_pad, n), wsum=q.sum((1, 2, 3), dtype=torch.int32), c_pad=c_pad,
+    w = torch.zeros(n, kh, kw, c_pad, dtype=torch.int8, device=q.device)
+    w[..., :c] = q.permute(0, 2, 3, 1)
+    return ConvGemmWeight(w=w.view(n, kh * kw * c_pad), wsum=q.sum((1, 2, 3), dtype=torch.int32), c_pad=c_pad,
                           block_k=block_k)
-
-
-def write_signed(src: Tensor, qp: ActQParams, dst: Tensor) -> None:
-    """``dst[...] = signed(src)``: uint8 ``q`` becomes int8 ``q - 128`` (an xor of the top bit)."""
-    if qp.dtype == torch.uint8:
-        torch.bitwise_xor(src.view(torch.int8), -128, out=dst)
-    else:
-        dst.copy_(src)
-
-
-def gemm_buffer(rows: int, cols: int, padded_cols: int, device: torch.device) -> Tensor:
-    """int8 ``[max(rows, 17), padded_cols]`` buffer; padding is zeroed (it meets zero weights anyway)."""
-    shape = (max(rows, _MIN_ROWS), padded_cols)
-    padded = shape != (rows, cols)
-    return torch.zeros(shape, dtype=torch.int8, device=device) if padded else torch.empty(shape, dtype=torch.int8,
-                                                                                          device=device)
 
 
 def _require_cuda(*tensors: Tensor) -> None:
@@ -111,7 +78,7 @@ def _dense_same_layout(a: Tensor, b: Tensor) -> bool:
 
 
 class CudaBackend:
-    """int8 on NVIDIA GPUs: ``torch._int_mm`` GEMMs and Triton epilogues (see the module docstring)."""
+    """int8 on NVIDIA GPUs through Triton GEMM kernels with fused requantization (see the module docstring)."""
 
     name = "cuda"
 
@@ -148,18 +115,18 @@ class CudaBackend:
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed:
         weight, bias = self._on_device(weight, bias)
         _REFERENCE.pack_linear(weight, bias)
-        return make_packed(weight, bias, native=pack_gemm_weight(weight.q))
+        k = weight.q.shape[1]
+        block_k = 128 if k >= 256 else 64 if k >= 64 else 32
+        return make_packed(weight, bias, native=pack_conv_gemm_weight(weight.q[:, :, None, None], block_k))
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
         _require_cuda(x)
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        m, k = rows.shape
+        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
         gw = packed.native
-        signed = gemm_buffer(m, k, gw.w.shape[1], x.device)
-        write_signed(rows, x_qp, signed[:m, :k])
-        acc = torch._int_mm(signed, gw.w.t())  # [M (padded), N8] int32
-        out = self._triton.gemm_epilogue(acc, gw.wsum, x_qp, packed.weight.scale, packed.bias, m, out_qp, relu)
+        out = self._triton.linear(rows, x_qp, gw.w, gw.block_k, gw.wsum, packed.weight.scale, packed.bias, out_qp,
+                                  relu)  # [M, N]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:

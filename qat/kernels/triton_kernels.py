@@ -1,4 +1,4 @@
-"""Triton kernels of the cuda backend: GEMM epilogue (requantize), elementwise add/mul, int8 batched matmul.
+"""Triton kernels of the cuda backend: int8 Linear, implicit-GEMM conv, elementwise add/mul, batched matmul.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
 Every kernel ends with the project's requantization (float ops rounded one by one, no FMA), ``clamp(round(y * inv_scale) + z, lo, hi)`` with
@@ -41,25 +41,6 @@ def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: t
         q = _round_half_even(y * inv_scale) + zero_point
         q = tl.minimum(tl.maximum(q, lo), hi)
         tl.store(out_ptrs, q.to(tl.int32).to(out_ptrs.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemm_epilogue_kernel(acc_ptr, acc_stride, wsum_ptr, offset, x_scale, w_scale_ptr, bias_ptr, out_ptr,
-                          out_stride, M, N,
-                          inv_scale, zero_point, lo, hi, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
-                          RELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    acc = tl.load(acc_ptr + rm[:, None] * acc_stride + rn[None, :], mask=mask, other=0)
-    wsum = tl.load(wsum_ptr + rn, mask=rn < N, other=0)
-    acc = acc + offset * wsum[None, :]  # undo the zero-point shift of the activations
-    mult = tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0) * x_scale  # s_x * s_w[n] in float32
-    y = acc.to(tl.float32) * mult[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    _store_output(out_ptr + rm[:, None] * out_stride + rn[None, :], y, mask, inv_scale, zero_point, lo, hi,
-                  OUT_FLOAT, RELU)
 
 
 @triton.jit
@@ -118,7 +99,8 @@ def _conv_gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """Implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n, K = (kh, kw, c).
 
-    ``w`` is ``[KH*KW*C_PAD, N]`` (rows ``(kh*KW + kw)*C_PAD + c``, zero for ``c >= C``). Input taps outside
+    ``w`` is ``[N, KH*KW*C_PAD]`` (column ``(kh*KW + kw)*C_PAD + c``, zero for ``c >= C``; K-major B is
+    what makes Triton's int8 tl.dot fast on Hopper). Input taps outside
     the image read the zero point, so ``signed(x) + x_offset == 0`` there, like zero padding.
     """
     pid = tl.program_id(0)
@@ -143,8 +125,45 @@ def _conv_gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M,
         inside = (rm < M) & (hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W)
         a_ptrs = x_ptr + (img * sxn + hi_ * sxh + wi_ * sxw)[:, None] + c[None, :] * sxc
         a = tl.load(a_ptrs, mask=inside[:, None] & (c[None, :] < C), other=x_zero)
-        b = tl.load(w_ptr + (k0 + rk)[:, None] * N + rn[None, :], mask=rn[None, :] < N, other=0)
+        b = tl.load(w_ptr + rn[None, :] * (KH * KW * C_PAD) + (k0 + rk)[:, None], mask=rn[None, :] < N, other=0)
         acc += tl.dot(_signed(a, X_UNSIGNED), b, out_dtype=tl.int32)
+    n_mask = rn < N
+    acc += x_offset * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
+    mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
+    y = acc.to(tl.float32) * mult[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    mask = (rm[:, None] < M) & n_mask[None, :]
+    _store_output(out_ptr + rm[:, None] * N + rn[None, :], y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, x_offset, x_scale,
+                   inv_scale, zero_point, lo, hi, K_PAD: tl.constexpr, X_UNSIGNED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, EVEN_K: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[m, n] of x [M, K] (rows ``sxm`` apart) times ``w`` [N, K_PAD] (K-major, zero past K)."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_group
+    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_group
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptrs = x_ptr + (rm % M)[:, None] * sxm + rk[None, :]  # rows past M repeat real rows: no load mask
+    b_ptrs = w_ptr + (rn % N)[None, :] * K_PAD + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0)  # meets zero weights
+        acc += tl.dot(_signed(a, X_UNSIGNED), tl.load(b_ptrs), out_dtype=tl.int32)
+        a_ptrs += BK
+        b_ptrs += BK
     n_mask = rn < N
     acc += x_offset * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
     mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
@@ -166,24 +185,6 @@ def _requant_args(out_qp: ActQParams | None, relu: bool) -> tuple[float, int, in
     return out_qp.inv_scale, out_qp.zero_point, out_qp.relu_floor if relu else out_qp.qmin, out_qp.qmax
 
 
-def gemm_epilogue(acc: Tensor, wsum: Tensor, x_qp: ActQParams, w_scale: Tensor, bias: Tensor | None, rows: int,
-                  out_qp: ActQParams | None, relu: bool) -> Tensor:
-    """``[rows, N]`` output of ``(acc + offset * wsum) * (s_x * s_w) + bias``, requantized (float if out_qp is None).
-
-    ``acc`` is the (possibly padded) int32 GEMM of signed activations, ``[>= rows, >= N]``; N is ``w_scale.numel()``.
-    """
-    n = w_scale.numel()
-    dtype = torch.float32 if out_qp is None else out_qp.dtype
-    out = torch.empty(rows, n, dtype=dtype, device=acc.device)
-    bm, bn = _EPILOGUE_BLOCK
-    grid = (triton.cdiv(rows, bm), triton.cdiv(n, bn))
-    _gemm_epilogue_kernel[grid](acc, acc.stride(0), wsum, signed_offset(x_qp), x_qp.scale, w_scale,
-                                w_scale if bias is None else bias, out,
-                                out.stride(0), rows, n, *_requant_args(out_qp, relu), HAS_BIAS=bias is not None,
-                                OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn, **_NO_FMA)
-    return out
-
-
 def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: ActQParams, relu: bool,
            is_mul: bool) -> Tensor:
     """Fused dequantize-add/mul-requantize of two tensors with the same shape and the same dense layout."""
@@ -197,9 +198,25 @@ def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: Act
 
 def gemm_config(m: int, n: int) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) of the conv GEMM for an ``m x n`` output."""
-    bm = 128 if m >= 4096 else 64
-    bn = 128 if n >= 256 and m >= 4096 else 64
+    bm = 128 if m >= 65536 or (m >= 4096 and n >= 256) else 64
+    bn = 128 if n >= 128 else 64
     return bm, bn, 8 if bm * bn >= 128 * 128 else 4, 4  # picked on an H100 from ResNet-50 shapes at batch 32
+
+
+def linear(x: Tensor, x_qp: ActQParams, w: Tensor, block_k: int, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
+           out_qp: ActQParams | None, relu: bool, config: tuple[int, int, int, int] | None = None) -> Tensor:
+    """``[M, N]`` int8 Linear of ``x`` [M, K] (unit column stride); ``w`` is [N, K_pad], K_pad % block_k == 0."""
+    m, k = x.shape
+    n, k_pad = w.shape
+    out = torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=x.device)
+    bm, bn, warps, stages = config or (128 if m >= 1024 else 64, 128 if n >= 128 else 64, 4, 4)  # H100 sweep
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _linear_kernel[grid](x, w, wsum, w_scale, w_scale if bias is None else bias, out, m, n, k, x.stride(0),
+                         signed_offset(x_qp), x_qp.scale, *_requant_args(out_qp, relu), K_PAD=k_pad,
+                         X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None,
+                         RELU=relu, EVEN_K=k % block_k == 0, BM=bm, BN=bn, BK=block_k, GROUP_M=8,
+                         num_warps=warps, num_stages=stages, **_NO_FMA)
+    return out
 
 
 def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, block_k: int, wsum: Tensor, w_scale: Tensor,
@@ -208,12 +225,12 @@ def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, block_k: int, 
               config: tuple[int, int, int, int] | None = None) -> Tensor:
     """Implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any memory format): ``[B*Ho*Wo, N]`` (NHWC rows).
 
-    ``w`` is the ``[kh*kw*c_pad, N]`` weight of ``_conv_gemm_kernel``; a Linear is the 1x1 conv of [M, K, 1, 1].
+    ``w`` is the ``[N, kh*kw*c_pad]`` weight of ``_conv_gemm_kernel``; a Linear is the 1x1 conv of [M, K, 1, 1].
     """
     batch, c, h, wd = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    m, n = batch * ho * wo, w.shape[1]
+    m, n = batch * ho * wo, w.shape[0]
     out = torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=x.device)
     bm, bn, warps, stages = config or gemm_config(m, n)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
