@@ -72,7 +72,8 @@ def bench_linear(backend, iters: int) -> list[tuple[str, float, float, str]]:
     m = k = n = 4096
     x = random_u8((m, k))
     packed = backend.pack_linear(random_weight((n, k)), torch.randn(n, device="cuda"))
-    xb, wb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     int8 = median_ms(lambda: backend.linear(x, X_QP, packed, OUT_QP), iters)
     bf16 = median_ms(lambda: F.linear(xb, wb, bias), iters)
@@ -89,9 +90,9 @@ def bench_conv(backend, case, batch: int, iters: int) -> tuple[str, float, float
     x = random_u8((batch, c, hw, hw), channels_last=True)
     geometry = ConvGeometry(stride=stride, padding=padding)
     packed = backend.pack_conv2d(random_weight((out, c, kernel, kernel)), torch.randn(out, device="cuda"), geometry)
-    xb = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    wb = torch.randn(out, c, kernel, kernel, device="cuda", dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last)
+    xb = torch.randn(batch, c, hw, hw, device="cuda", dtype=torch.bfloat16)
+    wb = torch.randn(out, c, kernel, kernel, device="cuda", dtype=torch.bfloat16)
+    xb, wb = (t.contiguous(memory_format=torch.channels_last) for t in (xb, wb))
     int8 = median_ms(lambda: backend.conv2d(x, X_QP, packed, OUT_QP, relu=True), iters)
     bf16 = median_ms(lambda: F.relu(F.conv2d(xb, wb, None, stride, padding)), iters)
     diff = max_lsb_diff(backend.conv2d(x, X_QP, packed, OUT_QP, relu=True),

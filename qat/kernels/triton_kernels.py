@@ -1,9 +1,9 @@
 """Triton kernels of the cuda backend: int8 Linear, implicit-GEMM conv, elementwise add/mul, batched matmul.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
-Every kernel ends with the project's requantization (float ops rounded one by one, no FMA), ``clamp(round(y * inv_scale) + z, lo, hi)`` with
-rounding half to even like ``torch.round``; when the output pointer is float32 the kernel
-stores ``y`` instead (after a ReLU when asked).
+Every kernel ends with the project's requantization (float ops rounded one by one, no FMA),
+``clamp(round(y * inv_scale) + z, lo, hi)`` with rounding half to even like ``torch.round``; when the
+output pointer is float32 the kernel stores ``y`` instead (after a ReLU when asked).
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch import Tensor
 
 from qat.kernels.types import ActQParams
 
-_EPILOGUE_BLOCK = (32, 128)
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
 # Round every float product and sum separately, as torch's eager ops and the reference do: a fused

@@ -164,8 +164,10 @@ def test_matmul(backend_name, shapes, signs, out):
         assert_quantized_agree(got, REF.matmul(a, a_qp, b, b_qp, out_qp))
 
 
-@pytest.mark.parametrize("qp", [ActQParams(0.05, 7, 0, 255), ActQParams(0.05, 0, 0, 127), ActQParams(0.1, -3, -127, 127)],
-                         ids=["u8", "u8_reduce_range", "s8_narrow"])
+ROUND_TRIP_QPARAMS = [ActQParams(0.05, 7, 0, 255), ActQParams(0.05, 0, 0, 127), ActQParams(0.1, -3, -127, 127)]
+
+
+@pytest.mark.parametrize("qp", ROUND_TRIP_QPARAMS, ids=["u8", "u8_reduce_range", "s8_narrow"])
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
 def test_quantize_dequantize_round_trip(backend_name, qp):
     on = OnBackend(backend_name)
