@@ -1,0 +1,104 @@
+"""LitClassifier: cross-entropy training of any classifier, float or already prepared for QAT.
+
+The network is handed over ready-made (`qat.prepare` runs before Trainer.fit), so this module knows nothing
+of quantization beyond two things: quantizer parameters get their own optimizer group (see
+:mod:`qat.train.optim`), and observers are paused while validating or testing, so held-out data never
+moves a quantization range (their enabled/disabled switches are restored right after each step).
+
+    >>> lit = LitClassifier(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10)), num_classes=10)
+    >>> lit(torch.randn(4, 3, 2, 2)).shape
+    torch.Size([4, 10])
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from qat.quant.fake_quantize import QuantizerBase
+from qat.train.optim import build_optimizer, build_scheduler
+from qat.train.settings import OptimizerSettings, SchedulerSettings
+
+DEFAULT_OPTIMIZER = OptimizerSettings()
+CONSTANT_LR = SchedulerSettings(name="none")
+
+
+@contextmanager
+def observers_paused(model: nn.Module) -> Iterator[None]:
+    """Observers record nothing inside the block; each quantizer's switch is restored afterwards."""
+    quantizers = [m for m in model.modules() if isinstance(m, QuantizerBase) and m.observer_enabled]
+    for q in quantizers:
+        q.observer_enabled = False  # the flag itself: no qparam settling, as nothing new was observed
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            q.observer_enabled = True
+
+
+class LitClassifier(L.LightningModule):
+    """Logs train/loss, train/acc1, val|test/{loss, acc1, acc5} and the learning rate of each group."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerSettings = DEFAULT_OPTIMIZER,
+        scheduler: SchedulerSettings = CONSTANT_LR,
+    ):
+        super().__init__()
+        self.net = net
+        self.optimizer_settings, self.scheduler_settings = optimizer, scheduler
+        self.criterion = nn.CrossEntropyLoss()
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+            for stage in ("val", "test")
+            for name, k in (("acc1", 1), ("acc5", top5))
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = self.criterion(logits, y)
+        self.train_acc1(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        x, y = batch
+        with observers_paused(self.net):
+            logits = self.net(x)
+        self.log(f"{stage}/loss", self.criterion(logits, y), sync_dist=True, prog_bar=stage == "val")
+        for name in ("acc1", "acc5"):
+            metric = self.metrics[f"{stage}_{name}"]
+            metric(logits, y)
+            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc1")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        for group in self.optimizers().param_groups:
+            self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.net, self.optimizer_settings)
+        steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(steps // max(self.trainer.max_epochs or 1, 1), 1)
+        scheduler = build_scheduler(optimizer, self.scheduler_settings, steps, steps_per_epoch)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
