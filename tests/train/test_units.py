@@ -1,0 +1,139 @@
+"""Building blocks of the app: docstring examples, optimizer groups and schedules, QAT mode switches,
+observer pausing, reports and the sweep gatherer."""
+import doctest
+import importlib
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from app_helpers import REPO
+
+from qat.fx import QuantConfig, calibrate, prepare
+from qat.fx.modules import QuantizedWeightModule
+from qat.models import build_model
+from qat.quant.fake_quantize import QuantizerBase
+from qat.train.callbacks import QATSchedule
+from qat.train.evaluate import VariantResult
+from qat.train.module import observers_paused
+from qat.train.optim import build_optimizer, build_scheduler, parameter_groups
+from qat.train.report import RunSummary, write_summary
+from qat.train.settings import OptimizerSettings, SchedulerSettings
+
+MODULES = ["evaluate", "module", "optim", "recipes", "report", "settings"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(f"qat.train.{name}")
+    result = doctest.testmod(module, extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
+
+
+def _prepared(preset: str = "w8a8_lsq"):
+    model = build_model("resnet20")
+    x = torch.randn(4, 3, 32, 32)
+    prepared = prepare(model, QuantConfig.preset(preset), example_inputs=(x,))
+    calibrate(prepared, [x], freeze=False)
+    return prepared.train(), x
+
+
+def test_quantizer_parameters_get_their_own_group_without_weight_decay():
+    prepared, _ = _prepared("w8a8_lsq")
+    settings = OptimizerSettings(lr=0.1, weight_decay=1e-4, quantizer_lr=0.01)
+    groups = {g["name"]: g for g in parameter_groups(prepared, settings)}
+    quantizer_params = {id(p) for m in prepared.modules() if isinstance(m, QuantizerBase) for p in m.parameters()}
+    assert {id(p) for p in groups["quantizers"]["params"]} == quantizer_params and quantizer_params
+    assert (groups["quantizers"]["lr"], groups["quantizers"]["weight_decay"]) == (0.01, 0.0)
+    assert (groups["weights"]["lr"], groups["weights"]["weight_decay"]) == (0.1, 1e-4)
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(prepared.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_optimizers_carry_the_groups(name):
+    prepared, _ = _prepared("w8a8_lsq")
+    optimizer = build_optimizer(prepared, OptimizerSettings(name=name, lr=0.05))
+    assert type(optimizer).__name__ == {"sgd": "SGD", "adamw": "AdamW"}[name]
+    assert [g["name"] for g in optimizer.param_groups] == ["weights", "quantizers"]
+
+
+def _lrs(settings: SchedulerSettings, total: int = 100, steps_per_epoch: int = 10) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, momentum=0.9)
+    scheduler = build_scheduler(optimizer, settings, total, steps_per_epoch)
+    lrs = []
+    for _ in range(total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_onecycle_peaks_at_the_configured_lr_after_the_warmup():
+    lrs = _lrs(SchedulerSettings(name="onecycle", pct_start=0.3, div_factor=10.0))
+    assert lrs[0] == pytest.approx(0.01) and max(lrs) == pytest.approx(0.1)
+    assert lrs.index(max(lrs)) == 29 and lrs[-1] < 1e-4
+
+
+def test_cosine_warms_up_then_decays_to_min_lr():
+    lrs = _lrs(SchedulerSettings(name="cosine", warmup_epochs=1.0, min_lr=0.001))
+    assert lrs[0] == pytest.approx(0.1 / 11) and lrs[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] == pytest.approx(0.001, abs=1e-4)
+
+
+def test_constant_schedule_has_no_scheduler():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert build_scheduler(optimizer, SchedulerSettings(name="none"), 10, 1) is None
+
+
+def test_qat_schedule_freezes_observers_and_bn_at_their_epochs():
+    prepared, _ = _prepared("w8a8")
+    schedule = QATSchedule(freeze_observer_epoch=2, freeze_bn_epoch=1)
+    quantizers = [m for m in prepared.modules() if isinstance(m, QuantizerBase)]
+    layers = [m for m in prepared.modules() if isinstance(m, QuantizedWeightModule) and m.bn is not None]
+    states = []
+    for epoch in range(3):
+        schedule.apply(prepared, epoch)
+        states.append((any(q.observer_enabled for q in quantizers), any(m.bn_frozen for m in layers)))
+    assert states == [(True, False), (True, True), (False, True)]
+    assert all(not q.observer_enabled for q in quantizers) and all(m.bn_frozen for m in layers)
+
+
+def test_observers_pause_without_changing_ranges_and_switches():
+    prepared, x = _prepared("w8a8")
+    enabled = [q.observer_enabled for q in prepared.modules() if isinstance(q, QuantizerBase)]
+    with observers_paused(prepared):
+        prepared.eval()(x)  # settles the qparams of what calibration observed
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if torch.is_tensor(v)}
+    with observers_paused(prepared):
+        prepared.eval()(x * 100)
+    after = prepared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert [q.observer_enabled for q in prepared.modules() if isinstance(q, QuantizerBase)] == enabled
+
+
+def _summary(name: str, top1: float) -> RunSummary:
+    rows = (VariantResult("fake_quant", top1 + 1, 99.0, 100, 2_000_000, 3.0, 32, "cpu"),
+            VariantResult("int8", top1, 99.0, 100, 500_000, 1.0, 32, "cpu"))
+    return RunSummary(name, "qat", "resnet20", "w8a8", None, "fbgemm", 1, 3, 10.0, rows)
+
+
+def test_gather_sweep_collects_every_run(tmp_path):
+    for job, (top1, override) in enumerate([(90.0, "quant=w8a8"), (85.5, "quant=w4a4_lsq")]):
+        run_dir = tmp_path / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(f"- +recipe=qat_resnet\n- {override}\n")
+        write_summary(_summary("qat_resnet", top1), run_dir)
+    result = subprocess.run([sys.executable, "scripts/gather_sweep.py", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    markdown = (tmp_path / "sweep.md").read_text()
+    assert "| 0 | +recipe=qat_resnet quant=w8a8 | qat_resnet | qat |" in markdown
+    assert "| 90.00 | 0.477 | 1.00 |" in markdown and "| 85.50 |" in markdown
+    csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[0].startswith("run,overrides,name,task")
+    assert json.loads((tmp_path / "1" / "summary.json").read_text())["variants"][1]["top1"] == 85.5
