@@ -20,7 +20,7 @@ from torch import fx, nn
 from qat.convert import modules as q8
 from qat.fx import patterns
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
-from qat.fx.rewrite import ACT_CONTAINER
+from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
 from qat.kernels import ActQParams, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
 from qat.quant.fake_quantize import QuantizerBase
@@ -263,7 +263,7 @@ def lower(prepared: fx.GraphModule, backend: str) -> fx.GraphModule:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.qat_value_map = lowering.value_map
-    gm.qat_grids = {node.name: qp for node, qp in lowering.grid.items() if node.graph is gm.graph}
-    gm.qat_backend = backend
+    set_preserved_attr(gm, "qat_value_map", lowering.value_map)
+    set_preserved_attr(gm, "qat_grids", {node.name: qp for node, qp in lowering.grid.items() if node.graph is gm.graph})
+    set_preserved_attr(gm, "qat_backend", backend)
     return gm

@@ -20,7 +20,7 @@ from qat.fx.attention import decompose_attention
 from qat.fx.config import QuantConfig
 from qat.fx.modules import FLOAT_TO_QAT, QuantizedWeightModule
 from qat.fx.plan import QuantPlan, plan, propagate_shapes
-from qat.fx.rewrite import rewrite
+from qat.fx.rewrite import rewrite, set_preserved_attr
 from qat.fx.tracer import trace
 from qat.quant.fake_quantize import QuantizerBase
 
@@ -53,8 +53,8 @@ def prepare(model: nn.Module, config: QuantConfig, example_inputs: tuple, inplac
     propagate_shapes(gm, example_inputs)
     decisions = plan(gm, config, traced.leaves)
     gm = rewrite(gm, decisions, config)
-    gm.qat_plan = decisions
-    gm.qat_config = config
+    set_preserved_attr(gm, "qat_plan", decisions)
+    set_preserved_attr(gm, "qat_config", config)
     return gm.train(model.training)
 
 

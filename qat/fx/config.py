@@ -24,7 +24,8 @@ UNTRACEABLE_MODES = ("error", "leaf")
 
 def _low_bit(bits: int) -> tuple[QuantizerConfig, QuantizerConfig]:
     weight = QuantizerConfig(
-        QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq", init_observer="mse"
+        QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq",
+        init_observer="mse", bins=256,
     )
     activation = QuantizerConfig(QuantSpec(bits=bits, signed=False), "lsq_plus", init_observer="mse", bins=512)
     return weight, activation

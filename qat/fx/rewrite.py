@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 from torch import fx, nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from qat.fx.leaf_swaps import LEAF_SWAPS
 from qat.fx.modules import FLOAT_TO_QAT
 from qat.fx.plan import QuantPlan
 
 ACT_CONTAINER = "act_quantizers"
+
+
+def set_preserved_attr(gm: fx.GraphModule, name: str, value) -> None:
+    """Set an attribute that survives deepcopy of the GraphModule (fx keeps those listed in gm.meta)."""
+    setattr(gm, name, value)
+    gm.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {})[name] = value
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module | None) -> None:

@@ -109,9 +109,10 @@ class FakeQuantize(QuantizerBase):
 class LearnableFakeQuantize(QuantizerBase):
     """LSQ / LSQ+ / PACT: the range is a parameter, initialised from an observer pass.
 
-    While the observer is enabled, each forward observes and re-initialises the parameters from the
-    observer's qparams; once it is disabled, they are trained. A quantizer never observed initialises
-    itself from the first tensor it sees.
+    While the observer is enabled, the parameters follow the observer's range (derived lazily: when fake
+    quantization needs them or the observer is switched off, so range searches run once per calibration);
+    once it is disabled, they are trained. A quantizer never observed initialises itself from the first
+    tensor it sees.
     """
 
     METHODS = ("lsq", "lsq_plus", "pact")
@@ -122,6 +123,7 @@ class LearnableFakeQuantize(QuantizerBase):
         super().__init__(spec, observer)
         self.method = method
         self.initialized = False
+        self._stale = False  # observed data not yet turned into parameters (range searches run once, lazily)
         if method == "pact":
             self.alpha = torch.nn.Parameter(torch.tensor(1.0))
         else:
@@ -132,6 +134,8 @@ class LearnableFakeQuantize(QuantizerBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled or not self.initialized:
             self.observer(x)
+            self._stale = True
+        if self._stale and (self.fake_quant_enabled or not self.observer_enabled):
             self._init_from_observer()
         if not self.fake_quant_enabled:
             return x
@@ -150,8 +154,15 @@ class LearnableFakeQuantize(QuantizerBase):
             if self.zero_point is not None:
                 assign_(self.zero_point, zero_point.float())
         self.initialized = True
+        self._stale = False
+
+    def _on_observer_frozen(self) -> None:
+        if self._stale:
+            self._init_from_observer()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stale:
+            self._init_from_observer()
         with torch.no_grad():
             if self.method == "pact":
                 scale = pact_scale(self.alpha, self.spec)

@@ -206,3 +206,20 @@ def test_exact_ties_round_half_to_even(backend_name):
     assert torch.equal(expected.int(), torch.round(acc / 2).int() + 100)
     got = on.back(on.backend.linear(on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, None), out_qp), out_qp)
     assert torch.equal(got, expected)
+
+
+def test_fbgemm_depthwise_full_range_inputs_do_not_saturate():
+    """fbgemm's own depthwise kernel saturates int16 pairs for u8 inputs near 255; the backend must not."""
+    from qat.kernels import ActQParams, ConvGeometry, Int8Weight, get_backend
+
+    ref, fb = get_backend("reference"), get_backend("fbgemm")
+    channels = 144
+    gen = torch.Generator().manual_seed(0)
+    weight = Int8Weight(torch.randint(-127, 128, (channels, 1, 3, 3), dtype=torch.int8, generator=gen),
+                        torch.rand(channels, generator=gen) * 0.01 + 1e-3)
+    geometry = ConvGeometry(1, 1, 1, channels)
+    x = torch.randint(200, 256, (4, channels, 8, 8), dtype=torch.uint8, generator=gen)
+    x_qp, out_qp = ActQParams(0.02, 0, 0, 255), ActQParams(0.05, 0, 0, 255)
+    expected = ref.conv2d(x, x_qp, ref.pack_conv2d(weight, None, geometry), out_qp)
+    got = fb.from_backend(fb.conv2d(fb.to_backend(x, x_qp), x_qp, fb.pack_conv2d(weight, None, geometry), out_qp), out_qp)
+    assert (expected.int() - got.int()).abs().max().item() <= 1

@@ -1,0 +1,142 @@
+"""Int8 conversion: every backend against the reference kernels, int8 against fake-quant, errors."""
+import pytest
+import torch
+
+from qat.convert import ConversionError, compare, convert, layer_agreement
+from torch import fx
+from qat.data import cifar10_test_batches
+from qat.fx import QuantConfig, calibrate, prepare
+from qat.kernels import get_backend
+from qat.models.cifar_resnet import load_cifar_resnet
+from qat.models.registry import MODELS, build_model
+from qat.quant.config import QuantizerConfig
+from qat.quant.spec import QuantSpec
+
+BACKENDS = ["fbgemm", pytest.param("cuda", marks=pytest.mark.gpu)]
+SYNTHETIC_MODELS = ["tiny_transformer", "mobilenet_v2", pytest.param("resnet18", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def resnet20(shared_data):
+    model = load_cifar_resnet(20, next((shared_data / "pretrained").glob("resnet20-*.th"))).eval()
+    batches = list(cifar10_test_batches(shared_data, batch_size=128, source="lossless_subset"))
+    prepared = prepare(model, QuantConfig.preset("w8a8"), (batches[0][0],))
+    calibrate(prepared, batches[:2])
+    return prepared.eval(), batches
+
+
+def _synthetic(name):
+    entry = MODELS[name]
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=10, **dict(entry.small_kwargs)).eval()
+    x = entry.example_input(8, small=True)
+    prepared = prepare(model, QuantConfig.preset("w8a8"), (x,))
+    calibrate(prepared, [x, entry.example_input(8, small=True)])
+    return prepared.eval(), [(entry.example_input(8, small=True),)]
+
+
+class _FedReference(fx.Interpreter):
+    """Runs every node of a backend's int8 graph on the reference graph's values of its inputs, so each
+    layer's kernels are compared on identical inputs (differences do not compound through the network)."""
+
+    def __init__(self, gm, reference_values):
+        super().__init__(gm)
+        self.reference_values, self.backend = reference_values, get_backend(gm.qat_backend)
+        self.outputs = {}
+
+    def run_node(self, n):
+        for arg in n.all_input_nodes:
+            ref = self.reference_values[arg.name]
+            qp = self.module.qat_grids.get(arg.name)
+            self.env[arg] = self.backend.to_backend(ref.to(_device(self.module)), qp) if qp else ref
+        out = super().run_node(n)
+        if n.name in self.module.qat_grids:
+            self.outputs[n.name] = self.backend.from_backend(out, self.module.qat_grids[n.name]).cpu().int()
+        return out
+
+
+def _device(gm):
+    tensor = next(iter(gm.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _reference_values(int8, x):
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Recorder(int8).run(x)
+    return values
+
+
+def _assert_backend_matches_reference(prepared, x, backend, device):
+    reference = convert(prepared, "reference")
+    ref_values = _reference_values(reference, x)
+    fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
+    prepared.cpu()
+    with torch.no_grad():
+        fed.run(x.to(device))
+    assert fed.outputs and fed.outputs.keys() == {k for k in reference.qat_grids if k in ref_values}
+    for name, got in fed.outputs.items():
+        diff = (ref_values[name].int() - got).abs()
+        assert diff.max().item() <= 1 and (diff == 0).float().mean().item() >= 0.999, (name, diff.max().item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference_on_resnet20(resnet20, backend):
+    prepared, batches = resnet20
+    _assert_backend_matches_reference(prepared, batches[2][0], backend, "cuda" if backend == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", SYNTHETIC_MODELS)
+def test_backend_matches_reference_on_registry_models(name, backend):
+    prepared, batches = _synthetic(name)
+    _assert_backend_matches_reference(prepared, batches[0][0], backend, "cuda" if backend == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+def test_int8_top1_agrees_with_fake_quant_on_cifar(resnet20, backend):
+    prepared, batches = resnet20
+    int8 = convert(prepared, backend)
+    agree = total = 0
+    with torch.no_grad():
+        for images, _ in batches:
+            agree += (int8(images).argmax(1) == prepared(images).argmax(1)).sum().item()
+            total += len(images)
+    assert agree / total >= 0.999, agree / total
+
+
+def test_every_int8_value_stays_within_1_lsb_of_fake_quant(resnet20):
+    prepared, batches = resnet20
+    rows = layer_agreement(prepared, convert(prepared, "fbgemm"), batches[2:4])
+    assert len(rows) == len({a.quantizer for a in prepared.qat_plan.activations})
+    by_name = {r.name: r for r in rows}
+    # the first layers differ only by float rounding ties; 1-LSB flips then compound with depth
+    assert by_name["x_in"].max_error_lsb == 0 and by_name["conv1_out"].max_error_lsb <= 1
+    assert all(r.within_1_lsb >= 0.98 and r.sqnr_db > 30 for r in rows), [r for r in rows if r.within_1_lsb < 0.98]
+    table = compare(prepared, convert(prepared, "reference"), batches[2:3])
+    assert "SQNR" in table and "layer3_2_conv2_out" in table
+
+
+@pytest.mark.parametrize("name", SYNTHETIC_MODELS)
+def test_int8_matches_fake_quant_on_registry_models(name):
+    prepared, batches = _synthetic(name)
+    rows = layer_agreement(prepared, convert(prepared, "reference"), batches)
+    assert rows and all(r.within_1_lsb >= 0.99 for r in rows), [r for r in rows if r.within_1_lsb < 0.99]
+
+
+def test_asymmetric_weights_are_named_in_the_error():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    cfg = QuantConfig(weight=QuantizerConfig(QuantSpec(bits=8, granularity="per_channel")))
+    prepared = prepare(model, cfg, (x,))
+    calibrate(prepared, [x])
+    with pytest.raises(ConversionError, match="layer '0'.*symmetric"):
+        convert(prepared, "reference")
+    with pytest.raises(ValueError, match="unknown kernel backend 'tpu'"):
+        convert(prepared, "tpu")
