@@ -4,7 +4,8 @@
     python scripts/gather_sweep.py SWEEP_DIR --out results      # writes results.md and results.csv
 
 Every `summary.json` under the folder is one row: the run's overrides (from .hydra/overrides.yaml),
-task, quantization, and top-1 / size / latency of each variant (float, fake_quant, int8).
+task, quantization, and top-1 / size / latency of each variant (float, fake_quant, int8). The markdown
+lists the overrides all runs share once, above the table; the CSV keeps each run's full list.
 """
 from __future__ import annotations
 
@@ -62,9 +63,20 @@ def _run_key(run_dir: Path, sweep_dir: Path) -> tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
 
 
+def split_overrides(rows: list[dict[str, str]]) -> tuple[list[str], list[str]]:
+    """(overrides every run shares, each run's own overrides joined by spaces)."""
+    per_run = [row["overrides"].split() for row in rows]
+    shared = [o for o in per_run[0] if all(o in run for run in per_run[1:])] if len(rows) > 1 else []
+    return shared, [" ".join(o for o in run if o not in shared) for run in per_run]
+
+
 def to_markdown(rows: list[dict[str, str]]) -> str:
+    """A table of the columns that have values; overrides shared by every run go above it."""
+    shared, own = split_overrides(rows)
+    rows = [{**row, "overrides": text} for row, text in zip(rows, own)]
     columns = [f for f in FIELDS if any(row[f] for row in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [f"Shared overrides: `{' '.join(shared)}`", ""] if shared else []
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 

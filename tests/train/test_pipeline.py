@@ -1,9 +1,12 @@
 """Every recipe runs end to end (synthetic data, fast_dev_run, CPU); a short real CIFAR-10 run beats chance."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from app_helpers import FAST, RECIPES, compose_config, pretrained_overrides
+from app_helpers import FAST, RECIPES, REPO, compose_config, pretrained_overrides
 
 from qat.export import load
 from qat.train import run
@@ -67,3 +70,23 @@ def test_short_real_cifar_qat_run_beats_chance(shared_data, tmp_path):
     assert abs(top1["int8"] - top1["fake_quant"]) <= 2.0, top1
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert any((tmp_path / "csv").rglob("metrics.csv"))
+
+
+def test_sweep_runs_every_job_and_gathers_them(tmp_path):
+    """python train.py -m ... quant.observer=minmax,mse: one run directory and summary per job, one table."""
+    command = [
+        sys.executable, "train.py", "-m", "+recipe=ptq_resnet", "data=synthetic", "data.num_train=16",
+        "data.batch_size=8", "quant.observer=minmax,mse", "quant.calibration_batches=1", "evaluate.limit_batches=1",
+        "evaluate.latency_iters=1", "evaluate.latency_batch_size=2", "export.onnx=false",
+        f"hydra.sweep.dir={tmp_path}", *pretrained_overrides(),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    observers = [json.loads((tmp_path / str(job) / "summary.json").read_text())["observer"] for job in (0, 1)]
+    assert observers == ["minmax", "mse"]
+    gathered = subprocess.run([sys.executable, "scripts/gather_sweep.py", str(tmp_path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert gathered.returncode == 0, gathered.stderr
+    table = (tmp_path / "sweep.md").read_text()
+    assert "| 0 | quant.observer=minmax |" in table and "| 1 | quant.observer=mse |" in table

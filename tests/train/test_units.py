@@ -132,7 +132,8 @@ def test_gather_sweep_collects_every_run(tmp_path):
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     markdown = (tmp_path / "sweep.md").read_text()
-    assert "| 0 | +recipe=qat_resnet quant=w8a8 | qat_resnet | qat |" in markdown
+    assert markdown.startswith("Shared overrides: `+recipe=qat_resnet`")
+    assert "| 0 | quant=w8a8 | qat_resnet | qat |" in markdown
     assert "| 90.00 | 0.477 | 1.00 |" in markdown and "| 85.50 |" in markdown
     csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("run,overrides,name,task")
