@@ -127,8 +127,15 @@ def build_trainer(cfg: DictConfig, settings: RunSettings, extra: Sequence[L.Call
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The configured DataModule, with its data located and loaded (a missing dataset fails here)."""
     datamodule = _instantiate(cfg.data, "data")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    missing = [name for name in ("num_classes", "input_size") if not hasattr(datamodule, name)]
+    if missing:
+        raise ConfigError(f"data: {type(datamodule).__name__} lacks {', '.join(missing)}; allowed: a DataModule "
+                          "with num_classes and input_size (C, H, W), e.g. qat.train.data.CIFAR10DataModule")
+    try:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
     return datamodule
 
 

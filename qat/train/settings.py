@@ -143,12 +143,24 @@ class RunSettings:
         return self.task != "ptq"
 
 
+# Values of the `_target_` nodes that every data module / trainer takes, checked before instantiation.
+EDGE_VALUES: dict[tuple[str, str], tuple[Any, dict]] = {
+    ("data", "batch_size"): (int, POSITIVE),
+    ("data", "num_workers"): (int, NON_NEGATIVE),
+    ("trainer", "max_epochs"): (int | None, _check(lambda v: v >= -1, "an int >= -1 (-1: no limit)")),
+    ("trainer", "devices"): (int | str, {}),
+}
+
+
 def run_settings(cfg: dict[str, Any]) -> RunSettings:
     """RunSettings from a resolved config dict (the edge keys are left to the caller), fully validated."""
     unknown = sorted(set(cfg) - {f.name for f in dataclasses.fields(RunSettings)} - set(EDGE_KEYS) - {"hydra"})
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; allowed: {_field_list(RunSettings)}, "
                           f"{', '.join(EDGE_KEYS)}")
+    for (group, key), (hint, metadata) in EDGE_VALUES.items():
+        if isinstance(cfg.get(group), dict) and key in cfg[group]:
+            _validated(cfg[group][key], hint, metadata, f"{group}.{key}")
     run_cfg = {k: v for k, v in cfg.items() if k not in EDGE_KEYS and k != "hydra"}
     settings = settings_from_dict(RunSettings, run_cfg, "")
     _check_consistency(settings)

@@ -6,9 +6,11 @@ import pytest
 from app_helpers import RECIPES, REPO, compose_config, pretrained_overrides
 from hydra.errors import MissingConfigException
 
+from qat.data import DatasetNotFoundError
 from qat.fx.config import PRESETS
 from qat.models import MODELS
 from qat.quant.config import OBSERVERS
+from qat.train import run
 from qat.train.pipeline import validated
 from qat.train.settings import ConfigError
 
@@ -96,6 +98,9 @@ BAD_VALUES = [
     ("task=ptq quant=none", "quant.preset=None is invalid for task=ptq; allowed: w8a8,"),
     ("evaluate.limit_batches=0", "evaluate.limit_batches=0 is invalid; allowed: a number > 0"),
     ("+foo=1", "unknown top-level key(s) foo; allowed:"),
+    ("data.batch_size=0", "data.batch_size=0 is invalid; allowed: a number > 0"),
+    ("data.num_workers=two", "data.num_workers='two' is invalid; allowed: an int"),
+    ("trainer.max_epochs=-2", "trainer.max_epochs=-2 is invalid; allowed: an int >= -1"),
 ]
 
 
@@ -105,3 +110,16 @@ def test_bad_values_name_the_key_and_the_allowed_values(overrides, message, tmp_
     with pytest.raises(ConfigError) as info:
         validated(cfg)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (("data.source=bogus",), ConfigError, "data: unknown CIFAR-10 source 'bogus'; expected 'auto' or one of"),
+    (("paths.data_root=/no/such/root", "model.pretrained=null"), DatasetNotFoundError, "cifar10-jpeg.tar.xz"),
+    (("+data.shuffle=true",), ConfigError, "data: "),
+])
+def test_data_errors_stop_the_run_before_any_work(overrides, error, message, tmp_path):
+    cfg = compose_config(tmp_path, "+recipe=ptq_resnet", *pretrained_overrides(), *overrides)
+    with pytest.raises(error) as info:
+        run(cfg)
+    assert message in str(info.value)
+    assert not (tmp_path / "summary.json").exists()

@@ -4,9 +4,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from app_helpers import FAST, RECIPES, REPO, compose_config, pretrained_overrides
+from PIL import Image
 
 from qat.export import load
 from qat.train import run
@@ -90,3 +92,23 @@ def test_sweep_runs_every_job_and_gathers_them(tmp_path):
     assert gathered.returncode == 0, gathered.stderr
     table = (tmp_path / "sweep.md").read_text()
     assert "| 0 | quant.observer=minmax |" in table and "| 1 | quant.observer=mse |" in table
+
+
+def test_resnet18_recipe_runs_on_an_imagefolder_tree(tmp_path):
+    """qat_resnet18 with its own data module: <root>/{train,val}/<class>/*.png, classes from the folders."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for name in ("cat", "dog", "emu"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    overrides = [o for o in FAST if not o.startswith("data")]
+    cfg = compose_config(tmp_path / "run", "+recipe=qat_resnet18", f"data.root={root}", "data.image_size=32",
+                         "data.batch_size=4", "data.num_workers=0", *overrides)
+    run(cfg)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [v["name"] for v in summary["variants"]] == ["fake_quant", "int8"]
+    assert summary["model"] == "resnet18" and summary["variants"][-1]["num_images"] == 4
+    assert load(tmp_path / "run" / "model_int8.qat")(torch.randn(2, 3, 32, 32)).shape == (2, 3)
