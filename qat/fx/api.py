@@ -53,6 +53,9 @@ def prepare(model: nn.Module, config: QuantConfig, example_inputs: tuple, inplac
     propagate_shapes(gm, example_inputs)
     decisions = plan(gm, config, traced.leaves)
     gm = rewrite(gm, decisions, config)
+    device = _model_device(model)
+    for quantizer in quantizers(gm):
+        quantizer.to(device)  # built on the CPU; the model may live on a GPU
     set_preserved_attr(gm, "qat_plan", decisions)
     set_preserved_attr(gm, "qat_config", config)
     return gm.train(model.training)

@@ -48,7 +48,9 @@ class _FedReference(fx.Interpreter):
         for arg in n.all_input_nodes:
             ref = self.reference_values[arg.name]
             qp = self.module.qat_grids.get(arg.name)
-            self.env[arg] = self.backend.to_backend(ref.to(_device(self.module)), qp) if qp else ref
+            if isinstance(ref, torch.Tensor):
+                ref = ref.to(_device(self.module))
+            self.env[arg] = self.backend.to_backend(ref, qp) if qp else ref
         out = super().run_node(n)
         if n.name in self.module.qat_grids:
             self.outputs[n.name] = self.backend.from_backend(out, self.module.qat_grids[n.name]).cpu().int()

@@ -58,3 +58,17 @@ def test_one_sgd_step_trains_weights_and_scales(name, preset):
         assert sum(p.grad.abs().sum() for p in learned) > 0
     opt.step()
     assert torch.isfinite(prepared(x)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
+def test_prepare_on_cuda_model_keeps_everything_on_cuda(preset):
+    model, x = _build("resnet20")
+    model, x = model.cuda(), x.cuda()
+    prepared = prepare(model, QuantConfig.preset(preset), (x,))
+    calibrate(prepared, [x])
+    assert {t.device.type for t in list(prepared.parameters()) + list(prepared.buffers())} == {"cuda"}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = F.cross_entropy(prepared.train()(x), torch.arange(4, device="cuda") % 10)
+    loss.backward()
+    assert torch.isfinite(loss)
