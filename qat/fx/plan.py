@@ -139,9 +139,11 @@ class _Planner:
     def _fusion_chain(self, node: fx.Node) -> tuple[fx.Node | None, fx.Node | None, str | None]:
         module = self.modules[node.target]
         calls = sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == node.target)
+        if calls > 1:
+            return None, None, None  # shared weights: what follows one call must not change the others
         bn, act, kind, end = None, None, None, node
         nxt = self._sole_user(node)
-        if self.config.fuse_bn and calls == 1 and nxt is not None and patterns.is_bn(nxt, self.modules):
+        if self.config.fuse_bn and nxt is not None and patterns.is_bn(nxt, self.modules):
             bn_module = self.modules[nxt.target]
             bn_calls = sum(1 for n in self.gm.graph.nodes if n.op == "call_module" and n.target == nxt.target)
             fits = isinstance(bn_module, patterns.BN_FOR_LAYER[type(module)]) and bn_module.track_running_stats

@@ -30,9 +30,10 @@ def _swap_layers(gm: fx.GraphModule, plan: QuantPlan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for d in plan.layers:
         float_module = gm.get_submodule(d.module)
-        bn = gm.get_submodule(d.bn) if d.bn else None
-        qat_module = FLOAT_TO_QAT[type(float_module)].from_float(float_module, d.weight, bn, d.activation)
-        _set_submodule(gm, d.module, qat_module)
+        if type(float_module) in FLOAT_TO_QAT:  # a module called twice is swapped once
+            bn = gm.get_submodule(d.bn) if d.bn else None
+            qat_module = FLOAT_TO_QAT[type(float_module)].from_float(float_module, d.weight, bn, d.activation)
+            _set_submodule(gm, d.module, qat_module)
         layer_node = nodes[d.node]
         for name in reversed(d.fused_nodes):  # relu first, then bn: each replaced by what it consumed
             fused = nodes[name]

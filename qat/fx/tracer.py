@@ -53,7 +53,7 @@ class QatTracer(fx.Tracer):
     def __init__(self, leaf_paths: tuple[str, ...] = ()):
         super().__init__()
         self.leaf_paths = leaf_paths
-        self._path_stack: list[str] = []
+        self.failed_path: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if any(fnmatch.fnmatchcase(qualname, p) for p in self.leaf_paths):
@@ -64,11 +64,13 @@ class QatTracer(fx.Tracer):
         return is_torch_nn and not isinstance(m, nn.Sequential) and not any(True for _ in m.children())
 
     def call_module(self, m, forward, args, kwargs):
-        self._path_stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
-        finally:
-            self._path_stack.pop()
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = path  # the innermost module whose forward failed
+            raise
 
 
 def _user_source_line(exc: BaseException) -> str:
@@ -85,7 +87,7 @@ def trace_once(model: nn.Module, leaf_paths: tuple[str, ...]) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... all mean "cannot trace"
-        path = tracer._path_stack[-1] if tracer._path_stack else ""
+        path = tracer.failed_path or ""
         raise UntraceableModelError(path, _user_source_line(exc), exc) from exc
     return fx.GraphModule(model, graph, model.__class__.__name__)
 

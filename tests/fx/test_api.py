@@ -1,0 +1,144 @@
+"""Graph-pass API behaviour on small hand-written models: errors, fallback, sharing, state, validation."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, coverage, enable_fake_quant,
+                    explain, prepare)
+from qat.fx.modules import QConv, QLinear
+from qat.quant.fake_quantize import LearnableFakeQuantize
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.mean() > 0:  # control flow on a tensor value: not traceable
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = DataDependent()
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_model_error_names_module_and_line():
+    with pytest.raises(UntraceableModelError) as err:
+        prepare(Toy().eval(), QuantConfig.preset("w8a8"), (torch.randn(2, 3, 8, 8),))
+    message = str(err.value)
+    assert err.value.module_path == "block"
+    assert "module 'block'" in message and "if x.mean() > 0" in message and "on_untraceable='leaf'" in message
+
+
+def test_fallback_makes_the_block_a_leaf_quantized_by_module_swap():
+    model, x = Toy().eval(), torch.randn(2, 3, 8, 8)
+    prepared = prepare(model, QuantConfig.preset("w8a8").with_(on_untraceable="leaf"), (x,))
+    assert prepared.qat_plan.leaves == ("block",)
+    assert isinstance(prepared.block.conv, QConv) and prepared.block.conv.input_fq is not None
+    assert coverage(prepared) == (3, 3)
+    enable_fake_quant(prepared, False)
+    torch.testing.assert_close(prepared(x), model(x))
+    enable_fake_quant(prepared, True)
+    calibrate(prepared, [x])
+    assert torch.isfinite(prepared(x)).all()
+    assert "leaf (module swap)" in explain(prepared)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_shared_module_gets_one_weight_quantizer_and_one_activation_quantizer_per_call():
+    prepared = prepare(Shared().eval(), QuantConfig.preset("w8a8"), (torch.randn(2, 8),))
+    assert sum(isinstance(m, QLinear) for m in prepared.modules()) == 1
+    outputs = [a for a in prepared.qat_plan.activations if a.role == "output"]
+    assert len(outputs) == 2 and len({a.quantizer for a in outputs}) == 2
+
+
+class CatModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return torch.cat([self.a(x), torch.sigmoid(self.b(x)), x], dim=1)
+
+
+def test_cat_shares_one_quantizer_over_unquantized_inputs_and_output():
+    prepared = prepare(CatModel().eval(), QuantConfig.preset("w8a8"), (torch.randn(2, 3, 4, 4),))
+    cat_acts = [a for a in prepared.qat_plan.activations if a.op.startswith("cat")]
+    assert {a.role for a in cat_acts} == {"input", "output"}
+    assert len({a.quantizer for a in cat_acts}) == 1  # sigmoid output, x and the cat output share a grid
+    shared = [a.node for a in cat_acts if a.role == "input"]
+    assert "sigmoid" in shared and "x" not in shared  # x is already quantized for the convs
+
+
+def test_attention_products_and_projections_are_quantized():
+    from qat.models.registry import build_model
+
+    prepared = prepare(build_model("tiny_transformer").eval(), QuantConfig.preset("w8a8"), (torch.randn(2, 3, 32, 32),))
+    ops = [a.op.split()[0] for a in prepared.qat_plan.activations if a.role == "output"]
+    assert ops.count("matmul") == 2 * 2  # QK^T and AV in each of the 2 blocks
+    quantized_paths = {d.module for d in prepared.qat_plan.layers}
+    assert {"blocks.0.attn.q_proj", "blocks.0.attn.k_proj", "blocks.0.attn.v_proj", "blocks.0.attn.out_proj"} <= quantized_paths
+
+
+def test_mode_dependent_modules_stay_mode_aware():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), torchvision.ops.StochasticDepth(0.5, "row"), nn.Dropout(0.5))
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare(model.train(), QuantConfig.preset("w8a8"), (x,))
+    enable_fake_quant(prepared, False)
+    torch.testing.assert_close(prepared.eval()(x), model.eval()(x))
+
+
+def test_prepared_model_is_an_ordinary_module():
+    x = torch.randn(2, 4, 8, 8)
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    prepared = prepare(net.train(), QuantConfig.preset("w4a4_lsq"), (x,))
+    calibrate(prepared, [x])
+    learned = {id(p) for m in prepared.modules() if isinstance(m, LearnableFakeQuantize) for p in m.parameters()}
+    assert learned and learned <= {id(p) for p in prepared.parameters()}
+    prepared.eval()
+    expected = prepared(x)
+    for clone in (copy.deepcopy(prepared), pickle.loads(pickle.dumps(prepared))):
+        torch.testing.assert_close(clone(x), expected)
+        assert explain(clone) == explain(prepared)
+    fresh = prepare(net.train(), QuantConfig.preset("w4a4_lsq"), (x,))
+    fresh.load_state_dict(prepared.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), expected)
+    assert prepared.train().training and all(m.training for m in prepared.modules())
+
+
+def test_config_errors_name_the_problem():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="unknown QuantConfig preset 'w3a3'.*w8a8"):
+        QuantConfig.preset("w3a3")
+    with pytest.raises(ValueError, match="'stemm'"):
+        prepare(Toy().eval(), QuantConfig.preset("w8a8").with_(skip=("stemm",)), (x,))
+    with pytest.raises(ValueError, match="'Conv3x3'"):
+        prepare(Toy().eval(), QuantConfig.preset("w8a8").with_(type_overrides=(LayerOverride("Conv3x3"),)), (x,))
+    with pytest.raises(ValueError, match="on_untraceable='skip'.*error, leaf"):
+        QuantConfig(on_untraceable="skip")
+    with pytest.raises(ValueError, match="QuantSpec.bits=12"):
+        LayerOverride("stem", weight_bits=12)
+    with pytest.raises(TypeError, match="example_inputs must be a tuple"):
+        prepare(Toy().eval(), QuantConfig.preset("w8a8"), x)
