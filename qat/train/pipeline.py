@@ -52,34 +52,21 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
     L.seed_everything(settings.seed, workers=True)
     trainer = build_trainer(cfg, settings, callbacks) if settings.trains else None
     datamodule = build_datamodule(cfg)
-    float_model = build_model(settings.model.name, _num_classes(settings, datamodule), settings.model.pretrained)
-    example = _example_inputs(datamodule)
+    num_classes = settings.model.num_classes or datamodule.num_classes
+    float_model = build_model(settings.model.name, num_classes, settings.model.pretrained)
+    example = torch.zeros(2, *datamodule.input_size)  # [2, C, H, W]: traces shapes for prepare and export
     device = compute_device(cfg)
     start = time.perf_counter()
     net = prepared_model(float_model, settings, datamodule, example, device) if settings.quantized else float_model
     if trainer is not None:
         _log_config(trainer, cfg)
-        lit = LitClassifier(net, _num_classes(settings, datamodule), settings.optimizer, settings.scheduler)
+        lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler)
         trainer.fit(lit, datamodule=datamodule, ckpt_path=settings.ckpt_path)
         if not trainer.is_global_zero:
             return None
     seconds = time.perf_counter() - start
     variants, artifacts = evaluate_variants(float_model, net, settings, datamodule, example, device, run_dir)
-    summary = RunSummary(
-        name=settings.name,
-        task=settings.task,
-        model=settings.model.name,
-        quant_preset=settings.quant.preset if settings.quantized else None,
-        observer=settings.quant.observer if settings.quantized else None,
-        backend=resolve_backend(settings.backend) if settings.quantized else None,
-        world_size=trainer.world_size if trainer is not None else 1,
-        epochs_trained=trainer.current_epoch if trainer is not None else 0,
-        train_seconds=round(seconds, 2),
-        variants=tuple(variants),
-        artifacts=artifacts,
-        overrides=_overrides(),
-    )
-    return report(summary, run_dir)
+    return report(summarize(settings, trainer, seconds, variants, artifacts), run_dir)
 
 
 def validated(cfg: DictConfig) -> RunSettings:
@@ -106,8 +93,10 @@ def resolve_backend(name: str) -> str:
 
 
 def _instantiate(node: DictConfig, key: str, **kwargs):
+    """hydra.utils.instantiate with plain Python containers as arguments (checkpoints of objects that save
+    their hyperparameters then load with weights_only=True); errors become ConfigErrors naming `key`."""
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, _convert_="all", **kwargs)
     except (InstantiationException, TypeError, ValueError) as err:
         raise ConfigError(f"{key}: {err}") from err
 
@@ -137,15 +126,6 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     except ValueError as err:
         raise ConfigError(f"data: {err}") from err
     return datamodule
-
-
-def _num_classes(settings: RunSettings, datamodule: L.LightningDataModule) -> int:
-    return settings.model.num_classes or datamodule.num_classes
-
-
-def _example_inputs(datamodule: L.LightningDataModule) -> torch.Tensor:
-    """A batch of two float inputs of the data's shape, [2, C, H, W]."""
-    return torch.zeros(2, *datamodule.input_size)
 
 
 def prepared_model(
@@ -217,7 +197,8 @@ def quantize_and_export(
     reference backend) and the written artifact paths by kind ('int8', 'onnx').
     """
     backend = resolve_backend(settings.backend)
-    int8_device = {"fbgemm": torch.device("cpu"), "cuda": torch.device("cuda")}.get(backend, device)
+    gpu = device if device.type == "cuda" else torch.device("cuda")
+    int8_device = {"fbgemm": torch.device("cpu"), "cuda": gpu}.get(backend, device)
     int8 = convert(net.eval().to(int8_device), backend=backend)
     inputs = (example.to(int8_device),)
     artifacts = {}
@@ -227,6 +208,27 @@ def quantize_and_export(
     if settings.export.onnx:
         artifacts["onnx"] = export_onnx(net, run_dir / "model_int8.onnx", example_inputs=(example,))
     return int8, int8_device, artifacts
+
+
+def summarize(
+    settings: RunSettings, trainer: L.Trainer | None, seconds: float, variants: list[VariantResult],
+    artifacts: dict[str, str],
+) -> RunSummary:
+    quant = settings.quant if settings.quantized else None
+    return RunSummary(
+        name=settings.name,
+        task=settings.task,
+        model=settings.model.name,
+        quant_preset=quant and quant.preset,
+        observer=quant and quant.observer,
+        backend=resolve_backend(settings.backend) if quant else None,
+        world_size=trainer.world_size if trainer is not None else 1,
+        epochs_trained=trainer.current_epoch if trainer is not None else 0,
+        train_seconds=round(seconds, 2),
+        variants=tuple(variants),
+        artifacts=artifacts,
+        overrides=_overrides(),
+    )
 
 
 def report(summary: RunSummary, run_dir: Path) -> float:

@@ -24,7 +24,11 @@ COLUMNS = ("variant", "top-1 %", "top-5 %", "images", "size MB", "latency ms (ba
 
 @dataclass(frozen=True)
 class RunSummary:
-    """What a run did and measured; `variants` in the order float, fake_quant, int8 (those that exist)."""
+    """What a run did and measured; `variants` in the order float, fake_quant, int8 (those that exist).
+
+    float is the trained model for task fp32 and the starting model (when pretrained) for ptq / qat.
+    train_seconds: wall time of calibration and training.
+    """
 
     name: str
     task: str
