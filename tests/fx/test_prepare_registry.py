@@ -39,8 +39,15 @@ def _inside_leaves(prepared):
                if type(m).__name__ in ("QConv", "QLinear", "QConvTranspose2d"))
 
 
-@pytest.mark.parametrize("preset", list(PRESETS))
-@pytest.mark.parametrize("name", MODEL_PARAMS)
+FULL_PRESET_MODELS = {"resnet20"}  # every preset in the default run; other models: w8a8 there
+STEP_PARAMS = [
+    pytest.param(n, p, marks=pytest.mark.slow)
+    if n in HEAVY or (n not in FULL_PRESET_MODELS and p != "w8a8") else (n, p)
+    for n in MODELS for p in PRESETS
+]
+
+
+@pytest.mark.parametrize("name, preset", STEP_PARAMS)
 def test_one_sgd_step_trains_weights_and_scales(name, preset):
     model, x = _build(name)
     prepared = prepare(model.train(), QuantConfig.preset(preset), (x,))
