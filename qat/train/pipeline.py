@@ -70,7 +70,11 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
 
 
 def validated(cfg: DictConfig) -> RunSettings:
-    """The run settings, every value checked; an unresolvable interpolation is a ConfigError too."""
+    """The run settings, every value checked; a missing mandatory value (???) or an unresolvable
+    interpolation is a ConfigError too."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"missing mandatory value(s) {', '.join(missing)}; set them, e.g. {missing[0]}=...")
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # omegaconf raises several error types for bad interpolations

@@ -104,6 +104,12 @@ BAD_VALUES = [
 ]
 
 
+def test_missing_mandatory_values_are_named(tmp_path):
+    cfg = compose_config(tmp_path, "+recipe=qat_resnet18")
+    with pytest.raises(ConfigError, match=r"missing mandatory value\(s\) data.root; set them, e.g. data.root=..."):
+        validated(cfg)
+
+
 @pytest.mark.parametrize("overrides, message", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_values_name_the_key_and_the_allowed_values(overrides, message, tmp_path):
     cfg = compose_config(tmp_path, "+recipe=qat_resnet", *pretrained_overrides(), *overrides.split())
