@@ -226,6 +226,15 @@ def _best_window(h: Histograms, start: torch.Tensor, stop: torch.Tensor, levels:
     return start.gather(1, best), stop.gather(1, best)
 
 
+def _without_zero_bin(h: Histograms, zero: torch.Tensor) -> Histograms:
+    """Drop the bin holding 0.0: zero is exactly representable, and the spike of exact zeros after a ReLU
+    would otherwise dominate the divergence and pull the threshold far in (seen: ReLU(N(0,1)) clipped at 1.7)."""
+    counts = h.counts.clone()
+    index = torch.clamp(zero.floor().long(), 0, h.bins - 1)  # (C, 1)
+    counts.scatter_(1, index, 0.0)
+    return Histograms(counts, h.lo, h.hi)
+
+
 def entropy_range(h: Histograms, spec: QuantSpec, max_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
     """KL-divergence calibration (TensorRT): the bin window whose quantized version loses the least.
 
@@ -246,6 +255,7 @@ def entropy_range(h: Histograms, spec: QuantSpec, max_candidates: int) -> tuple[
     bins, count = h.bins, min(max_candidates, h.bins)
     narrowest = min(levels, bins)
     zero = (-h.lo.double() / h.bin_width)[:, None]  # (C, 1) fractional bin index of 0.0
+    h = _without_zero_bin(h, zero)
     first = torch.zeros_like(zero, dtype=torch.long)
     lowest_stop = torch.clamp(zero.ceil().long(), min=narrowest)
     _, stop = _best_window(h, first, _spread(lowest_stop, torch.full_like(first, bins), count), levels)

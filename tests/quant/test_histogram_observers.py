@@ -299,3 +299,14 @@ def test_cuda_matches_cpu(name, spec):
     for on_gpu, on_cpu in zip(gpu.calculate_qparams(), cpu.calculate_qparams()):
         assert on_gpu.is_cuda
         torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=0)
+
+
+def test_entropy_is_not_pulled_in_by_the_zero_spike_of_relu_outputs():
+    """Half the mass of ReLU(N(0,1)) is exact zeros, which cost nothing; the KL window must still cover ~3.5 sigma."""
+    torch.manual_seed(0)
+    x = torch.randn(200_000).relu()
+    for spec in (QuantSpec(signed=False), QuantSpec(symmetric=True)):
+        observer = EntropyObserver(spec)
+        observer(x)
+        lo, hi = observer.range()
+        assert lo.item() == 0.0 and 3.0 < hi.item() <= x.max().item()
