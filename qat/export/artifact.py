@@ -108,10 +108,17 @@ def export(int8: fx.GraphModule, path: str | os.PathLike, example_inputs: tuple 
             torch.save(payload, f)
         if example_inputs is not None:
             _check_round_trip(int8, tmp, example_inputs)
+        os.chmod(tmp, _default_file_mode())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _check_round_trip(int8: fx.GraphModule, tmp: str, example_inputs: tuple) -> None:
