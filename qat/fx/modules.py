@@ -1,10 +1,10 @@
 """QAT modules: Conv/Linear with weight fake-quant, optional fused BatchNorm (folding simulated) and ReLU.
 
 BN folding during QAT follows Jacob et al. 2018 / Krishnamoorthi 2018: the weight is folded with the
-running statistics, fake-quantized, and the conv output is unscaled again so that BatchNorm (batch
-statistics in training, running statistics once frozen or in eval) sees the same distribution as the float
-model. In eval mode the output is exactly conv(x, fq(w * gamma / std)) + folded bias, which is what the int8
-conv computes.
+running statistics, fake-quantized, and (while BN uses batch statistics) the conv output is unscaled again
+so that BatchNorm sees the same distribution as the float model. Once BN uses running statistics (eval, or
+frozen in training) the layer computes conv(x, fq(w * gamma / std)) + folded bias directly: the same
+function, and the same arithmetic the int8 conv performs.
 
 >>> conv = torch.nn.Conv2d(3, 8, 3)
 >>> bn = torch.nn.BatchNorm2d(8).eval()
@@ -100,6 +100,9 @@ class QuantizedWeightModule(nn.Module):
             x = self.input_fq(x)
         if self.bn is None:
             y = self._compute(x, self.weight_fq(self.weight), self.bias)
+        elif not self.training or self.bn_frozen:
+            weight, bias = self.folded_weight_and_bias()  # BN on running statistics is exactly the fold
+            y = self._compute(x, self.weight_fq(weight), bias)
         else:
             factor = self._bn_scale()
             y = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)

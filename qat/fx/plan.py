@@ -166,10 +166,9 @@ class _Planner:
             layer.weight, layer.activation,
         ))
         self._ensure_on_grid(node.args[0], layer.activation, f"input of {node.target}")
-        self._quantize_output(node, layer.activation, f"{type(module).__name__} {node.target}")
-        end = act or bn
-        if end is not None:
-            self.on_grid[end] = True
+        end = act or bn or node
+        self._quantize_output(node, layer.activation, f"{type(module).__name__} {node.target}", end)
+        self.on_grid[end] = self.on_grid.get(node, False)
 
     def _plan_op(self, node: fx.Node, kind: str, inputs: list[fx.Node]) -> None:
         for arg in inputs:
@@ -192,7 +191,11 @@ class _Planner:
         if isinstance(value, fx.Node) and not self.on_grid.get(value, False):
             self._add_act(value, f"{value.name}_in", "input", why, cfg)
 
-    def _quantize_output(self, node: fx.Node, cfg: QuantizerConfig, why: str) -> None:
+    def _quantize_output(self, node: fx.Node, cfg: QuantizerConfig, why: str, value: fx.Node | None = None) -> None:
+        """Quantize the output of `node`, whose value leaves the fused chain at `value` (default: node)."""
+        users = (value or node).users
+        if users and all(u.op == "output" for u in users):
+            return  # model outputs (logits) stay float: int8 kernels return them dequantized, exactly
         self._add_act(node, f"{node.name}_out", "output", why, cfg)
 
     def _add_act(self, node: fx.Node, quantizer: str, role: str, why: str, cfg: QuantizerConfig) -> None:

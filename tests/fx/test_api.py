@@ -64,7 +64,7 @@ class Shared(nn.Module):
         self.fc = nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.fc(torch.relu(self.fc(x)))
+        return torch.sigmoid(self.fc(torch.relu(self.fc(x))))
 
 
 def test_shared_module_gets_one_weight_quantizer_and_one_activation_quantizer_per_call():
