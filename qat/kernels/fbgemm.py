@@ -30,6 +30,7 @@ tensor([[7, 3]], dtype=torch.uint8)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -101,6 +102,19 @@ def _per_tensor_scale(weight: Int8Weight) -> float | None:
     return float(scale[0]) if bool((scale == scale[0]).all()) else None
 
 
+@dataclass(frozen=True, eq=False)
+class _LinearNative:
+    """fbgemm's prepacked weight, plus the dequantized weight for float outputs (e.g. logits)."""
+
+    prepacked: object
+    dequantized: Tensor  # w_q * s_w, float32 [out, in]
+
+
+# grid-keeping ops that torch runs directly on quint8 tensors (exact: they only move or compare codes)
+NATIVE_GRID_MODULES = (torch.nn.MaxPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.ReLU, torch.nn.Identity)
+NATIVE_GRID_FUNCTIONS = frozenset({F.max_pool2d, F.relu, torch.relu})
+
+
 class FbgemmBackend:
     """torch quantized CPU kernels; backend tensors are quint8 tensors (see the module docstring)."""
 
@@ -109,6 +123,11 @@ class FbgemmBackend:
     def __init__(self) -> None:
         self.engine = select_engine()
         torch.backends.quantized.engine = self.engine
+
+    def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
+        """Apply a grid-keeping op directly on the quint8 tensor when torch supports it, else None."""
+        native = isinstance(fn, NATIVE_GRID_MODULES) or (callable(fn) and fn in NATIVE_GRID_FUNCTIONS)
+        return fn(t, *args, **kwargs) if native else None
 
     def to_backend(self, q: Tensor, qp: ActQParams) -> Tensor:
         u8 = q if qp.dtype == torch.uint8 else _flip_sign_bit(q, torch.uint8)
@@ -134,20 +153,16 @@ class FbgemmBackend:
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed:
         packed = _REFERENCE.pack_linear(weight, bias)
         torch.backends.quantized.engine = self.engine
-        native = torch.ops.quantized.linear_prepack(_channel_quantized(weight, 0), packed.bias)
-        return make_packed(weight, bias, native=native)
+        prepacked = torch.ops.quantized.linear_prepack(_channel_quantized(weight, 0), packed.bias)
+        dequantized = weight.q.float() * weight.scale[:, None]  # [out, in] * [out, 1]
+        return make_packed(weight, bias, native=_LinearNative(prepacked, dequantized))
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
-        if out_qp is None:
-            x_hat = x.dequantize()
-            rows = x_hat.reshape(-1, x_hat.shape[-1])  # [M, K]
-            w = packed.weight
-            y = torch._weight_int8pack_mm(rows.contiguous(), w.q.contiguous(), w.scale)
-            y = y.view(*x_hat.shape[:-1], -1)
-            return finish(y if packed.bias is None else y + packed.bias, None, relu)
+        if out_qp is None:  # float output (e.g. logits): the fake-quant formula on the cached dequantized weight
+            return finish(F.linear(x.dequantize(), packed.native.dequantized, packed.bias), None, relu)
         op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
-        return _clamp_to_range(op(x, packed.native, out_qp.scale, _backend_zero_point(out_qp)), out_qp)
+        return _clamp_to_range(op(x, packed.native.prepacked, out_qp.scale, _backend_zero_point(out_qp)), out_qp)
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv2d(weight, bias, geometry)
