@@ -1,9 +1,10 @@
 """FakeQuantize modules: an observed or learned range + a QuantSpec, with the switches torch.ao users know.
 
+>>> from qat.quant.observers import MinMaxObserver
 >>> fq = FakeQuantize(QuantSpec(bits=8, signed=False), MinMaxObserver(QuantSpec(bits=8, signed=False)))
 >>> y = fq(torch.tensor([0.0, 0.5, 1.0]))          # observes, then fake-quantizes
->>> fq.enable_observer(False).scale.item() == 1 / 255
-True
+>>> round(fq.enable_observer(False).scale.item() * 255, 5)  # range [0, 1] on 255 steps
+1.0
 >>> torch.equal(fq.enable_fake_quant(False)(torch.tensor([0.3])), torch.tensor([0.3]))
 True
 
@@ -136,14 +137,15 @@ class LearnableFakeQuantize(QuantizerBase):
             self.observer(x)
             self._stale = True
         if self._stale and (self.fake_quant_enabled or not self.observer_enabled):
-            self._init_from_observer()
+            self.reinitialize_from_observer()
         if not self.fake_quant_enabled:
             return x
         if self.method == "pact":
             return pact_fake_quantize(x, self.alpha, self.spec)
         return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec)
 
-    def _init_from_observer(self) -> None:
+    def reinitialize_from_observer(self) -> None:
+        """Set the learned range from the observer's current statistics (e.g. after a DDP merge)."""
         scale, zero_point = self.observer.calculate_qparams()
         if self.method == "pact":
             min_val, max_val = self.observer.range()
@@ -158,11 +160,11 @@ class LearnableFakeQuantize(QuantizerBase):
 
     def _on_observer_frozen(self) -> None:
         if self._stale:
-            self._init_from_observer()
+            self.reinitialize_from_observer()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stale:
-            self._init_from_observer()
+            self.reinitialize_from_observer()
         with torch.no_grad():
             if self.method == "pact":
                 scale = pact_scale(self.alpha, self.spec)

@@ -85,7 +85,7 @@ SYNC_RULES: dict[type, Callable[[nn.Module], None]] = {
 # How a quantizer with a live observer re-derives its qparams from (merged) statistics.
 REFRESH_QPARAMS: dict[type, Callable[[QuantizerBase], None]] = {
     FakeQuantize: lambda q: q.calculate_qparams(),
-    LearnableFakeQuantize: lambda q: q._init_from_observer(),
+    LearnableFakeQuantize: lambda q: q.reinitialize_from_observer(),
 }
 
 
