@@ -17,8 +17,8 @@ from qat.fx import (  # noqa: E402
     LayerOverride, QuantConfig, UntraceableModelError, calibrate, coverage, enable_fake_quant, enable_observer,
     explain, freeze_bn_stats, prepare,
 )
-from qat.convert import compare, convert  # noqa: E402
-from qat.export import export, export_onnx, load  # noqa: E402
+from qat.int8 import compare, convert  # noqa: E402
+from qat.artifact import export, export_onnx, load  # noqa: E402
 
 __all__ = [
     "FakeQuantize", "Granularity", "LayerOverride", "LearnableFakeQuantize", "QuantConfig", "QuantSpec",

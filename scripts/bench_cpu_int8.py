@@ -24,7 +24,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qat.convert import convert  # noqa: E402
+from qat.int8 import convert  # noqa: E402
 from qat.fx import QuantConfig, calibrate, prepare  # noqa: E402
 
 IMAGE = (3, 224, 224)

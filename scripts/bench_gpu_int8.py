@@ -31,7 +31,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qat.convert import convert  # noqa: E402
+from qat.int8 import convert  # noqa: E402
 from qat.fx import QuantConfig, calibrate, prepare  # noqa: E402
 from qat.kernels import get_backend  # noqa: E402
 from qat.kernels.types import ActQParams, Int8Weight  # noqa: E402

@@ -13,7 +13,7 @@ import time
 import torch
 
 from qat.data import CIFAR10_MEAN, CIFAR10_STD, cifar10_test_batches
-from qat.export import load
+from qat.artifact import load
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from qat.convert import convert
+from qat.int8 import convert
 from qat.data import CIFAR10_MEAN, CIFAR10_STD, cifar10_test_batches, load_cifar10, normalize
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.fx.config import A8_AFFINE

@@ -29,9 +29,9 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qat.convert import convert
-from qat.export import export
-from qat.export.onnx import export_onnx
+from qat.int8 import convert
+from qat.artifact import export
+from qat.artifact.onnx import export_onnx
 from qat.fx import calibrate, enable_observer, prepare
 from qat.models import build_model
 from qat.train.callbacks import QATSchedule, RNGStateCheckpoint, SyncQuantState

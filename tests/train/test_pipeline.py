@@ -10,7 +10,7 @@ import torch
 from app_helpers import FAST, RECIPES, REPO, compose_config, pretrained_overrides
 from PIL import Image
 
-from qat.export import load
+from qat.artifact import load
 from qat.train import run
 
 VARIANTS_BY_TASK = {"fp32": ["float"], "ptq": ["float", "fake_quant", "int8"], "qat": ["float", "fake_quant", "int8"]}

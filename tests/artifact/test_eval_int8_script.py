@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qat.convert import convert
+from qat.int8 import convert
 from qat.data import cifar10_test_batches
-from qat.export import export
+from qat.artifact import export
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.models.cifar_resnet import load_cifar_resnet
 

@@ -9,9 +9,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from qat.convert import convert
+from qat.int8 import convert
 from qat.data import cifar10_test_batches
-from qat.export.onnx import OnnxExportError, QuantDequant, export_onnx, exportable
+from qat.artifact.onnx import OnnxExportError, QuantDequant, export_onnx, exportable
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.fx.config import PRESETS
 from qat.models.cifar_resnet import load_cifar_resnet

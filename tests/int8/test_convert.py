@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qat.convert import ConversionError, compare, convert, layer_agreement
+from qat.int8 import ConversionError, compare, convert, layer_agreement
 from torch import fx
 from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from qat.convert.compare import LayerAgreement, compare, layer_agreement
-from qat.convert.lower import ConversionError, lower
+from qat.int8.compare import LayerAgreement, compare, layer_agreement
+from qat.int8.lower import ConversionError, lower
 from qat.kernels import BACKENDS, default_backend
 
 

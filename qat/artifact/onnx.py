@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.convert.lower import int8_weight
+from qat.int8.lower import int8_weight
 from qat.fx.modules import FUSED_ACTIVATIONS, QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
 from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, QuantizerBase
 

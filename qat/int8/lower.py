@@ -17,7 +17,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from qat.convert import modules as q8
+from qat.int8 import modules as q8
 from qat.fx import patterns
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qat.convert import modules as q8
+from qat.int8 import modules as q8
 from qat.kernels import ActQParams, ConvGeometry, Int8Weight
 
 FUNCTIONS: dict[str, Callable] = {

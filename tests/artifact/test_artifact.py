@@ -8,9 +8,9 @@ import pytest
 import torch
 import torchvision
 
-from qat.convert import convert
-from qat.export import ArtifactError, ExportError, export, load
-from qat.export import artifact
+from qat.int8 import convert
+from qat.artifact import ArtifactError, ExportError, export, load
+from qat.artifact import artifact
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.models.registry import MODELS, build_model
 
@@ -46,9 +46,9 @@ def test_loads_in_a_fresh_process_without_model_source(tmp_path):
     with torch.no_grad():
         torch.save(int8(x), tmp_path / "y.pt")
     code = (
-        "import sys, torch, qat.export\n"
+        "import sys, torch, qat.artifact\n"
         "sys.modules.pop('qat.models', None)\n"
-        "m = qat.export.load('m.qat')\n"
+        "m = qat.artifact.load('m.qat')\n"
         "assert 'qat.models.cifar_resnet' not in sys.modules\n"
         "x = torch.load('x.pt', weights_only=True)\n"
         "assert torch.equal(m(x), torch.load('y.pt', weights_only=True))\n"

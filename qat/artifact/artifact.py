@@ -2,12 +2,12 @@
 
 The file is a torch.save of plain containers (dicts, strings, numbers, tensors) and is read back with
 torch.load(weights_only=True): loading never runs pickled code, and the graph is rebuilt only from the types
-listed in qat.export.codecs. Writes go to a temporary file renamed into place, so a failed export leaves no
+listed in qat.artifact.codecs. Writes go to a temporary file renamed into place, so a failed export leaves no
 half-written artifact.
 
 >>> import torch, torchvision, tempfile, os
 >>> from qat.fx import QuantConfig, calibrate, prepare
->>> from qat.convert import convert
+>>> from qat.int8 import convert
 >>> model = torchvision.models.resnet18(num_classes=10).eval()
 >>> x = torch.randn(2, 3, 64, 64)
 >>> prepared = prepare(model, QuantConfig.preset("w8a8"), (x,)); calibrate(prepared, [x])
@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 import qat
-from qat.export.codecs import FUNCTION_NAMES, FUNCTIONS, METHODS, SAFE_ATTRIBUTES, ExportError, decode_arg, \
+from qat.artifact.codecs import FUNCTION_NAMES, FUNCTIONS, METHODS, SAFE_ATTRIBUTES, ExportError, decode_arg, \
     decode_module, encode_arg, encode_module
 from qat.fx.rewrite import set_preserved_attr
 from qat.kernels import BACKENDS, default_backend
@@ -90,7 +90,7 @@ def export(int8: fx.GraphModule, path: str | os.PathLike, example_inputs: tuple 
     """Write `int8` (from qat.convert) to `path` atomically; with example_inputs, check the saved file reproduces
     the model's outputs before it replaces anything."""
     if not hasattr(int8, "qat_backend"):
-        raise ExportError("export() needs an int8 model from qat.convert.convert(...)")
+        raise ExportError("export() needs an int8 model from qat.int8.convert(...)")
     nodes, modules, tensors = _encode_graph(int8)
     payload = {
         "format": FORMAT,
