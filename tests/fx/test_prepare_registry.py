@@ -17,6 +17,8 @@ def _build(name):
     entry = MODELS[name]
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, **dict(entry.small_kwargs))
+    if name == "vit_b_16":  # torchvision zero-initialises the head, which zeroes every upstream gradient
+        torch.nn.init.normal_(model.heads.head.weight, std=0.02)
     return model, entry.example_input(4, small=True)
 
 
