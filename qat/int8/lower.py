@@ -146,27 +146,23 @@ class _Lowering:
         if qp is None:
             return self._float_node(node)  # dynamic quantizer: stays fake-quant in float
         quantizer_name = node.target[len(ACT_CONTAINER) + 1:]
-        if producer in self.open_ops:
+        if producer in self.open_ops:  # the op's requantize epilogue takes the quantizer's place
             self.open_ops.pop(producer).out_qp = qp
-            self.grid[producer] = qp
-            node.replace_all_uses_with(producer)
-            self.gm.graph.erase_node(node)
-            self.value_map[quantizer_name] = producer.name
+            new = self._drop(node, producer)
+        elif value in self.grid and self.grid[value] == qp:
+            new = self._drop(node, value)
         elif value in self.grid:
-            same = self.grid[value] == qp
-            new = value if same else self._replace_keep(node, q8.Requantize(self.grid[value], qp, self.backend), value)
-            if same:
-                node.replace_all_uses_with(value)
-                self.gm.graph.erase_node(node)
-            self.grid[new] = qp
-            self.value_map[quantizer_name] = new.name
+            new = self._replace(node, q8.Requantize(self.grid[value], qp, self.backend), "requantize", (value,))
         else:
             new = self._replace(node, q8.Quantize(qp, self.backend), "quantize", (value,))
-            self.grid[new] = qp
-            self.value_map[quantizer_name] = new.name
+        self.grid[new] = qp
+        self.value_map[quantizer_name] = new.name
 
-    def _replace_keep(self, node: fx.Node, module: nn.Module, arg: fx.Node) -> fx.Node:
-        return self._replace(node, module, "requantize", (arg,))
+    def _drop(self, node: fx.Node, replacement: fx.Node) -> fx.Node:
+        """Remove `node`, its users reading `replacement` instead."""
+        node.replace_all_uses_with(replacement)
+        self.gm.graph.erase_node(node)
+        return replacement
 
     def _absorb_relu(self, value: fx.Node) -> fx.Node:
         """A ReLU between an open add/mul and its output quantizer fuses into the op."""
