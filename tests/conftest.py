@@ -6,6 +6,7 @@ import pytest
 import torch
 
 SHARED_DATA = Path(os.environ.get("QAT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+os.environ.setdefault("QAT_DATA_ROOT", str(SHARED_DATA))  # the app (train.py runs in subprocesses) reads the same data
 
 
 def pytest_collection_modifyitems(config, items):
