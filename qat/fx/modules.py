@@ -51,6 +51,12 @@ class QuantizedWeightModule(nn.Module):
         self.bn_frozen = False
         self.input_fq: QuantizerBase | None = None
 
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_cfg: QuantizerConfig, bn: nn.Module | None = None,
+                   activation: str | None = None) -> "QuantizedWeightModule":
+        """The QAT twin of a float Conv/Linear (weights copied), with BN and activation fused in."""
+        return cls(module, weight_cfg, bn, activation)
+
     def freeze_bn_stats(self, frozen: bool = True) -> "QuantizedWeightModule":
         """Frozen: BN uses (and no longer updates) its running statistics, also in training."""
         self.bn_frozen = bool(frozen)
@@ -141,10 +147,6 @@ class QConv(QuantizedWeightModule):
         self._copy_params(conv)
         self._init_common(weight_cfg, bn, activation)
 
-    @classmethod
-    def from_float(cls, conv, weight_cfg, bn=None, activation=None) -> "QConv":
-        return cls(conv, weight_cfg, bn, activation)
-
     def _compute(self, x, weight, bias):
         return self.conv_fn(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -165,10 +167,6 @@ class QConvTranspose2d(QuantizedWeightModule):
         self._copy_params(conv)
         self._init_common(weight_cfg, bn, activation)
 
-    @classmethod
-    def from_float(cls, conv, weight_cfg, bn=None, activation=None) -> "QConvTranspose2d":
-        return cls(conv, weight_cfg, bn, activation)
-
     def _compute(self, x, weight, bias):
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
 
@@ -182,10 +180,6 @@ class QLinear(QuantizedWeightModule):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._copy_params(linear)
         self._init_common(weight_cfg, bn, activation)
-
-    @classmethod
-    def from_float(cls, linear, weight_cfg, bn=None, activation=None) -> "QLinear":
-        return cls(linear, weight_cfg, bn, activation)
 
     def _compute(self, x, weight, bias):
         return F.linear(x, weight, bias)

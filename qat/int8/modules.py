@@ -168,8 +168,7 @@ class KeepGrid(BackendModule):
         self.fn, self.args, self.kwargs, self.qp = fn, args, kwargs, qp
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        native = getattr(self.backend, "grid_op", None)  # backends whose tensors support the op directly
-        out = native(self.fn, t, self.args, self.kwargs) if native is not None else None
+        out = self.backend.grid_op(self.fn, t, self.args, self.kwargs)  # None: the backend cannot do it natively
         if out is not None:
             return out
         x = self.backend.dequantize(t, self.qp)

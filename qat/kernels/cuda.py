@@ -91,6 +91,9 @@ class CudaBackend:
         self._triton = triton_kernels
         self.device = torch.device("cuda")
 
+    def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
+        return None  # plain uint8/int8 tensors: callers dequantize, apply, quantize (exact)
+
     def to_backend(self, q: Tensor, qp: ActQParams) -> Tensor:
         return q
 

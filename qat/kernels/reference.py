@@ -94,6 +94,9 @@ class ReferenceBackend:
 
     name = "reference"
 
+    def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
+        return None  # plain uint8/int8 tensors: callers dequantize, apply, quantize (exact)
+
     def to_backend(self, q: Tensor, qp: ActQParams) -> Tensor:
         return q
 
