@@ -1,5 +1,5 @@
 """Graph pass: trace, plan, rewrite; QAT modules."""
-from qat.fx.api import calibrate, coverage, enable_fake_quant, enable_observer, explain, freeze_bn_stats, prepare
+from qat.fx.api import calibrate, check_finite, coverage, enable_fake_quant, enable_observer, explain, freeze_bn_stats, prepare
 from qat.fx.config import LayerOverride, QuantConfig
 from qat.fx.tracer import UntraceableModelError
 
@@ -8,6 +8,7 @@ __all__ = [
     "QuantConfig",
     "UntraceableModelError",
     "calibrate",
+    "check_finite",
     "coverage",
     "enable_fake_quant",
     "enable_observer",

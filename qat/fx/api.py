@@ -66,9 +66,29 @@ def quantizers(model: nn.Module) -> Iterable[QuantizerBase]:
 
 
 def enable_observer(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every observer on or off; switching off first checks the observed ranges (check_finite)."""
+    if not enabled:
+        check_finite(model)
     for q in quantizers(model):
         q.enable_observer(enabled)
     return model
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise FloatingPointError naming the first quantizer whose observer saw NaN/Inf.
+
+    On a GPU the running observers do not check each batch (that would wait for the device every step);
+    NaN/Inf stay in their ranges, and this check (run by calibrate and when observers are switched off)
+    reports them.
+    """
+    for name, module in model.named_modules():
+        observer = getattr(module, "observer", None) if isinstance(module, QuantizerBase) else None
+        if observer is None:
+            continue
+        try:
+            observer.check_finite()
+        except FloatingPointError as err:
+            raise FloatingPointError(f"quantizer '{name}': {err}") from err
 
 
 def enable_fake_quant(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -112,6 +132,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = Non
             seen += 1
     if seen == 0:
         raise ValueError("calibrate() got no batches: pass a non-empty iterable of inputs")
+    check_finite(model)
     if freeze:
         enable_observer(model, False)
     enable_fake_quant(model, True)

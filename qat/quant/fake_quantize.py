@@ -34,6 +34,7 @@ class QuantizerBase(ShapeFromStateDict):
 
     def enable_observer(self, enabled: bool = True) -> "QuantizerBase":
         if not enabled and self.observer_enabled:
+            self.observer.check_finite()
             self._on_observer_frozen()
         self.observer_enabled = bool(enabled) and self.observer is not None
         return self
@@ -102,6 +103,8 @@ class FakeQuantize(QuantizerBase):
             self.calculate_qparams()
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.observer is not None:
+            self.observer.check_finite()
         if self._stale:
             self.calculate_qparams()
         return self.scale, self.zero_point
@@ -164,6 +167,7 @@ class LearnableFakeQuantize(QuantizerBase):
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._stale:
+            self.observer.check_finite()
             self.reinitialize_from_observer()
         with torch.no_grad():
             if self.method == "pact":

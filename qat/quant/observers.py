@@ -51,6 +51,16 @@ class Observer(ShapeFromStateDict):
         """The (min, max) the qparams are computed from; subclasses may clip outliers here."""
         return self.min_val, self.max_val
 
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if the statistics hold NaN/Inf. It reads a device value (one host
+        synchronisation), so the training hot path defers it to the points where qparams settle."""
+        if self.has_data and not bool(torch.isfinite(self.min_val).all() & torch.isfinite(self.max_val).all()):
+            raise FloatingPointError(
+                f"{type(self).__name__} saw non-finite values (NaN/Inf): its range is "
+                f"[{self.min_val.min().item()}, {self.max_val.max().item()}]. Check the inputs or the layer "
+                "producing them."
+            )
+
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.has_data:
             raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration batches first")
@@ -62,6 +72,7 @@ class Observer(ShapeFromStateDict):
 
 
 def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:
+    """Raise at once on NaN/Inf (free on the CPU; on a GPU it waits for the device)."""
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise FloatingPointError(
             f"{who} saw non-finite values (NaN/Inf) in a tensor of shape {tuple(x.shape)}; "
@@ -69,12 +80,19 @@ def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str)
         )
 
 
+def _check_finite_without_sync(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:
+    """The running observers' check: immediate on the CPU; on a GPU deferred to Observer.check_finite.
+    Deferring loses nothing: min/max/lerp propagate NaN and Inf into the stored range."""
+    if x.device.type == "cpu":
+        _check_finite(x, lo, hi, who)
+
+
 class MinMaxObserver(Observer):
     """Running min and max over everything observed."""
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = reduced_minmax(x, self.spec)
-        _check_finite(x, lo, hi, type(self).__name__)
+        _check_finite_without_sync(x, lo, hi, type(self).__name__)
         if self.has_data and self.min_val.shape == lo.shape:
             lo, hi = torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val)
         assign_(self.min_val, lo)
@@ -93,7 +111,7 @@ class MovingAverageMinMaxObserver(Observer):
 
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = reduced_minmax(x, self.spec)
-        _check_finite(x, lo, hi, type(self).__name__)
+        _check_finite_without_sync(x, lo, hi, type(self).__name__)
         if self.has_data and self.min_val.shape == lo.shape:
             lo = torch.lerp(self.min_val, lo, self.momentum)
             hi = torch.lerp(self.max_val, hi, self.momentum)

@@ -165,6 +165,8 @@ def evaluate_variants(
     test = datamodule.test_dataloader
     variants, artifacts = [], {}
     if settings.task == "fp32":
+        artifacts["float"] = str(run_dir / "model_float.pt")  # plain state_dict: model.pretrained=... of a PTQ run
+        torch.save(net.state_dict(), artifacts["float"])
         return [measure("float", net.to(device), test(), device, **options)], artifacts
     if settings.model.pretrained is not None:
         variants.append(measure("float", float_model.to(device), test(), device, **options))

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, coverage, enable_fake_quant,
-                    explain, prepare)
+from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, check_finite, coverage,
+                    enable_fake_quant, enable_observer, explain, prepare)
 from qat.fx.modules import QConv, QLinear
 from qat.quant.fake_quantize import LearnableFakeQuantize
 
@@ -142,3 +142,15 @@ def test_config_errors_name_the_problem():
         LayerOverride("stem", weight_bits=12)
     with pytest.raises(TypeError, match="example_inputs must be a tuple"):
         prepare(Toy().eval(), QuantConfig.preset("w8a8"), x)
+
+
+def test_nan_in_an_observed_range_is_reported_with_the_quantizer_name():
+    """What a GPU run defers (NaN kept in a range) is named when calibration ends or observers stop."""
+    model = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), QuantConfig.preset("w8a8"),
+                    example_inputs=(torch.randn(2, 3, 8, 8),))
+    calibrate(model, [torch.randn(2, 3, 8, 8)], freeze=False)
+    check_finite(model)
+    name, quantizer = next((n, m) for n, m in model.named_modules() if hasattr(m, "observer") and "act" in n)
+    quantizer.observer.max_val.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=f"quantizer '{name}'.*non-finite"):
+        enable_observer(model, False)

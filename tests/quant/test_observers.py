@@ -56,3 +56,24 @@ def test_state_dict_restores_per_channel_shape_without_forward():
     assert fresh.has_data and fresh.min_val.shape == (7,)
     for a, b in zip(fresh.calculate_qparams(), obs.calculate_qparams()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("observer", [MinMaxObserver, MovingAverageMinMaxObserver])
+def test_nan_on_gpu_is_kept_in_the_range_and_reported_by_check_finite(observer):
+    """On a GPU the running observers do not wait for the device each batch: NaN lands in the range and
+    check_finite (run when qparams settle) names it."""
+    obs = observer(QuantSpec())
+    obs(torch.tensor([1.0, 2.0], device="cuda"))
+    obs(torch.tensor([1.0, float("nan")], device="cuda"))  # no host synchronisation, no error yet
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        obs.check_finite()
+
+
+def test_check_finite_passes_on_finite_ranges():
+    obs = MovingAverageMinMaxObserver(QuantSpec())
+    obs(torch.tensor([-1.0, 2.0]))
+    obs.check_finite()
+    obs.min_val.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="MovingAverageMinMaxObserver saw non-finite"):
+        obs.check_finite()

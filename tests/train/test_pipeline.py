@@ -44,6 +44,17 @@ def test_every_recipe_runs_end_to_end_on_synthetic_data(recipe, tmp_path):
     _run_and_check(tmp_path, recipe)
 
 
+def test_fp32_run_saves_float_weights_that_a_ptq_run_starts_from(tmp_path):
+    """fp32_resnet writes model_float.pt; ptq_resnet model.pretrained=<it> quantizes exactly those weights."""
+    _run_and_check(tmp_path / "fp32", "fp32_resnet")
+    weights = tmp_path / "fp32" / "model_float.pt"
+    fp32 = json.loads((tmp_path / "fp32" / "summary.json").read_text())
+    assert fp32["artifacts"]["float"] == str(weights)
+    _run_and_check(tmp_path / "ptq", "ptq_resnet", f"model.pretrained={weights}")
+    ptq = json.loads((tmp_path / "ptq" / "summary.json").read_text())
+    assert ptq["variants"][0]["top1"] == fp32["variants"][0]["top1"]  # the same float model, the same images
+
+
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):
     import onnxruntime
 
