@@ -22,13 +22,16 @@ A8_AFFINE = QuantSpec(bits=8, signed=False)
 UNTRACEABLE_MODES = ("error", "leaf")
 
 
-def _low_bit(bits: int) -> tuple[QuantizerConfig, QuantizerConfig]:
+def _low_bit(bits: int) -> QuantConfig:
+    """LSQ weights and LSQ+ layer inputs at `bits`; first/last layers and the residual stream (add/cat
+    values) at 8 bits, as in the low-bit QAT literature, which keeps skip connections at high precision."""
     weight = QuantizerConfig(
         QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq",
         init_observer="mse", bins=256,
     )
     activation = QuantizerConfig(QuantSpec(bits=bits, signed=False), "lsq_plus", init_observer="mse", bins=512)
-    return weight, activation
+    residual = activation.with_(spec=activation.spec.with_(bits=8))
+    return QuantConfig(weight=weight, activation=activation, first_last_8bit=True, op_activation=residual)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,10 @@ class LayerQuant:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """weight / activation: defaults. type_overrides match module type names, name_overrides module paths
+    """weight / activation: defaults; a layer's activation config quantizes its input (and its output when only
+    layers wanting that config read it). op_activation: the values add/mul/cat/matmul read and write, i.e.
+    the residual stream of a ResNet (None: activation); a layer reading such a value at another precision
+    gets its own requantizer. type_overrides match module type names, name_overrides module paths
     (applied after type overrides). skip: module path patterns kept in float. first_last_8bit: the first and
     last quantized layers use 8 bits (standard for low-bit QAT). leaf_modules: module path patterns the tracer
     must not enter. on_untraceable: 'error' (raise, naming the module and source line) or 'leaf' (make the
@@ -84,6 +90,7 @@ class QuantConfig:
     name_overrides: tuple[LayerOverride, ...] = ()
     skip: tuple[str, ...] = ()
     first_last_8bit: bool = False
+    op_activation: QuantizerConfig | None = None
     leaf_modules: tuple[str, ...] = ()
     on_untraceable: str = "error"
     fuse_bn: bool = True
@@ -92,6 +99,10 @@ class QuantConfig:
         for name in ("weight", "activation"):
             if not isinstance(getattr(self, name), QuantizerConfig):
                 raise ValueError(f"QuantConfig.{name} must be a QuantizerConfig, got {type(getattr(self, name)).__name__}")
+        if self.op_activation is not None and not isinstance(self.op_activation, QuantizerConfig):
+            raise ValueError(
+                f"QuantConfig.op_activation must be a QuantizerConfig or None, got {type(self.op_activation).__name__}"
+            )
         if self.weight.spec.is_dynamic:
             raise ValueError("QuantConfig.weight spec is invalid; allowed granularities: per_tensor, per_channel")
         if self.on_untraceable not in UNTRACEABLE_MODES:
@@ -114,6 +125,11 @@ class QuantConfig:
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)
+
+    @property
+    def op_quantizer(self) -> QuantizerConfig:
+        """The quantizer config of values read and written by add/mul/cat/matmul."""
+        return self.op_activation or self.activation
 
     def is_skipped(self, module_name: str) -> bool:
         return any(fnmatch.fnmatchcase(module_name, p) for p in self.skip)
@@ -139,8 +155,6 @@ class QuantConfig:
 
 
 def _presets() -> dict[str, QuantConfig]:
-    w4, a4 = _low_bit(4)
-    w2, a2 = _low_bit(2)
     return {
         "w8a8": QuantConfig(),
         "w8a8_ptq": QuantConfig(activation=QuantizerConfig(A8_AFFINE, "percentile", percentile=99.999)),
@@ -148,8 +162,8 @@ def _presets() -> dict[str, QuantConfig]:
         "w8a8_lsq": QuantConfig(
             weight=QuantizerConfig(W8_PER_CHANNEL, "lsq"), activation=QuantizerConfig(A8_AFFINE, "lsq_plus")
         ),
-        "w4a4_lsq": QuantConfig(weight=w4, activation=a4, first_last_8bit=True),
-        "w2a2_lsq": QuantConfig(weight=w2, activation=a2, first_last_8bit=True),
+        "w4a4_lsq": _low_bit(4),
+        "w2a2_lsq": _low_bit(2),
     }
 
 

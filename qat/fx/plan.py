@@ -7,7 +7,7 @@ needs its inputs on a grid (an input quantizer is planned on the value otherwise
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import fx, nn
@@ -34,13 +34,15 @@ class LayerDecision:
 
 @dataclass(frozen=True)
 class ActDecision:
-    """An activation quantizer applied to the value of `node` (replacing it for every user)."""
+    """An activation quantizer applied to the value of `node`: for every user, or, when `users` names some
+    (a requantizer to another precision), for those alone."""
 
     node: str
     quantizer: str  # name of the quantizer module; shared by several decisions for cat inputs
-    role: str  # 'input' (of quantized compute) or 'output' (of a quantized op)
+    role: str  # 'input' (of quantized compute), 'output' (of a quantized op) or 'requant' (for `users`)
     op: str  # what it serves, e.g. 'conv2d layer1.0.conv1', 'add', 'input of fc'
     config: QuantizerConfig
+    users: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ class _Planner:
         self.gm, self.config, self.leaves = gm, config, leaves
         self.modules = dict(gm.named_modules())
         self.on_grid: dict[fx.Node, bool] = {}
+        self.grid_config: dict[fx.Node, QuantizerConfig] = {}  # the quantizer that put an on-grid value there
+        self.requants: dict[tuple[fx.Node, QuantizerConfig], int] = {}  # -> index of the decision in self.acts
+        self.resolved: dict[fx.Node, LayerQuant] = {}
         self.layers: list[LayerDecision] = []
         self.acts: list[ActDecision] = []
         self.quantized_values: set[fx.Node] = set()
@@ -87,7 +92,7 @@ class _Planner:
 
     def run(self) -> QuantPlan:
         layer_nodes = self._layer_nodes()
-        resolved = self._resolve_layers(layer_nodes)
+        resolved = self.resolved = self._resolve_layers(layer_nodes)
         for node in self.gm.graph.nodes:
             self._visit(node, resolved)
         skipped = sorted({n.target for n in self.gm.graph.nodes if patterns.is_layer(n, self.modules)} -
@@ -122,6 +127,8 @@ class _Planner:
         elif patterns.keeps_scale(node, self.modules) and node.args:
             first = node.args[0]
             self.on_grid[node] = isinstance(first, fx.Node) and self.on_grid.get(first, False)
+            if self.on_grid[node]:
+                self.grid_config[node] = self.grid_config[first]
         elif patterns.binary_kind(node) and self._all_activations(node.args[:2]):
             self._plan_op(node, patterns.binary_kind(node), list(node.args[:2]))
         elif patterns.is_cat(node) and self._all_activations(node.args[0]):
@@ -165,31 +172,63 @@ class _Planner:
             node.name, node.target, type(module).__name__, bn.target if bn else None, kind, fused,
             layer.weight, layer.activation,
         ))
-        self._ensure_on_grid(node.args[0], layer.activation, f"input of {node.target}")
+        self._ensure_on_grid(node.args[0], layer.activation, f"input of {node.target}", reader=node)
         end = act or bn or node
-        self._quantize_output(node, layer.activation, f"{type(module).__name__} {node.target}", end)
+        self._quantize_output(node, self._output_config(end, layer), f"{type(module).__name__} {node.target}", end)
         self.on_grid[end] = self.on_grid.get(node, False)
+        if self.on_grid[end]:
+            self.grid_config[end] = self.grid_config[node]
+
+    def _output_config(self, end: fx.Node, layer: LayerQuant) -> QuantizerConfig:
+        """The input config of the layers reading `end` when they all want the same one; otherwise the op
+        config when an add/cat/... reads it (the residual stream), else the layer's own."""
+        readers = list(end.users)
+        wanted = {self.resolved[u].activation for u in readers if u in self.resolved}
+        if readers and len(wanted) == 1 and all(u in self.resolved for u in readers):
+            return wanted.pop()
+        reads_op = any(patterns.binary_kind(u) or patterns.is_cat(u) for u in readers)
+        return self.config.op_quantizer if reads_op else layer.activation
 
     def _plan_op(self, node: fx.Node, kind: str, inputs: list[fx.Node]) -> None:
+        cfg = self.config.op_quantizer
         for arg in inputs:
-            self._ensure_on_grid(arg, self.config.activation, f"input of {kind} {node.name}")
+            self._ensure_on_grid(arg, cfg, f"input of {kind} {node.name}")
         relu = self._sole_user(node)
         if relu is not None and patterns.activation_kind(relu, self.modules) == "relu" and relu.args[0] is node:
             self.on_grid[node] = False
-            self._quantize_output(relu, self.config.activation, f"{kind}+relu {node.name}")
+            self._quantize_output(relu, cfg, f"{kind}+relu {node.name}")
         else:
-            self._quantize_output(node, self.config.activation, f"{kind} {node.name}")
+            self._quantize_output(node, cfg, f"{kind} {node.name}")
 
     def _plan_cat(self, node: fx.Node) -> None:
         name = f"{node.name}_out"
         for arg in node.args[0]:
             if not self.on_grid.get(arg, False):
-                self._add_act(arg, name, "input", f"cat {node.name} (shared)", self.config.activation)
-        self._add_act(node, name, "output", f"cat {node.name}", self.config.activation)
+                self._add_act(arg, name, "input", f"cat {node.name} (shared)", self.config.op_quantizer)
+        self._add_act(node, name, "output", f"cat {node.name}", self.config.op_quantizer)
 
-    def _ensure_on_grid(self, value, cfg: QuantizerConfig, why: str) -> None:
-        if isinstance(value, fx.Node) and not self.on_grid.get(value, False):
+    def _ensure_on_grid(self, value, cfg: QuantizerConfig, why: str, reader: fx.Node | None = None) -> None:
+        """Plan an input quantizer for a float value; a layer (`reader`) reading a value already on a grid
+        of another precision gets a requantizer of its own (shared by the readers wanting the same)."""
+        if not isinstance(value, fx.Node):
+            return
+        if not self.on_grid.get(value, False):
             self._add_act(value, f"{value.name}_in", "input", why, cfg)
+        elif reader is not None and self.grid_config[value].spec != cfg.spec:
+            self._add_requant(value, cfg, reader)
+
+    def _add_requant(self, value: fx.Node, cfg: QuantizerConfig, reader: fx.Node) -> None:
+        key = (value, cfg)
+        if key in self.requants:
+            index = self.requants[key]
+            d = self.acts[index]
+            self.acts[index] = replace(d, users=d.users + (reader.name,), op=f"{d.op}, {reader.target}")
+            return
+        survivor = self.absorbed.get(value, value)  # a fused BN/ReLU node is gone after the rewrite
+        name = f"{value.name}_to{cfg.spec.bits}b_{len(self.requants)}"
+        self.requants[key] = len(self.acts)
+        self.acts.append(ActDecision(survivor.name, name, "requant", f"requantize for {reader.target}", cfg,
+                                     (reader.name,)))
 
     def _quantize_output(self, node: fx.Node, cfg: QuantizerConfig, why: str, value: fx.Node | None = None) -> None:
         """Quantize the output of `node`, whose value leaves the fused chain at `value` (default: node)."""
@@ -201,6 +240,7 @@ class _Planner:
     def _add_act(self, node: fx.Node, quantizer: str, role: str, why: str, cfg: QuantizerConfig) -> None:
         self.acts.append(ActDecision(node.name, quantizer, role, why, cfg))
         self.on_grid[node] = True
+        self.grid_config[node] = cfg
 
 
 def _out_channels(module: nn.Module) -> int:

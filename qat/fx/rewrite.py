@@ -48,11 +48,16 @@ def _insert_activation_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
         if a.quantizer not in container:
             container[a.quantizer] = a.config.build()
     gm.add_module(ACT_CONTAINER, container)
+    current: dict[str, fx.Node] = {}  # node name -> the quantizer now standing for its value
     for a in plan.activations:
-        value = nodes[a.node]
+        value = current.get(a.node, nodes[a.node])
         with gm.graph.inserting_after(value):
             fq = gm.graph.call_module(f"{ACT_CONTAINER}.{a.quantizer}", (value,))
-        value.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq)
+        readers = frozenset(a.users)
+        value.replace_all_uses_with(fq, delete_user_cb=lambda user, fq=fq: user is not fq and (
+            not readers or user.name in readers))
+        if not readers:
+            current[a.node] = fq
 
 
 def _swap_leaf_layers(gm: fx.GraphModule, plan: QuantPlan, config) -> None:

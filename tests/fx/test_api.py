@@ -154,3 +154,44 @@ def test_nan_in_an_observed_range_is_reported_with_the_quantizer_name():
     quantizer.observer.max_val.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=f"quantizer '{name}'.*non-finite"):
         enable_observer(model, False)
+
+
+def test_low_bit_presets_quantize_layer_inputs_low_and_keep_the_residual_stream_at_8_bits():
+    """w2a2_lsq: every conv between the first and last layers reads a 2-bit input (a requantizer where the
+    value comes from the 8-bit residual stream); adds read and write 8 bits; int8 agrees with fake-quant."""
+    from qat.int8 import convert
+    from qat.models import build_model
+
+    x = torch.randn(4, 3, 32, 32)
+    model = prepare(build_model("resnet20", 10).train(), QuantConfig.preset("w2a2_lsq"), example_inputs=(x,))
+    calibrate(model, [torch.randn(8, 3, 32, 32)])
+    modules = dict(model.named_modules())
+    layers = [n for n in model.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], (QConv, QLinear))]
+    assert [modules[n.args[0].target].spec.bits for n in layers] == [8] + [2] * 18 + [8]
+    acts = model.qat_plan.activations
+    add_outputs = [a for a in acts if a.op.startswith("add")]
+    add_inputs = [a for a in acts if a.node in {"layer1_0_conv2", "layer2_1_conv2", "layer3_2_conv2"}]
+    assert len(add_outputs) == 9 and all(a.config.spec.bits == 8 for a in add_outputs + add_inputs)
+    requants = [a for a in acts if a.role == "requant"]
+    assert len(requants) == 9 and all(a.config.spec.bits == 2 and len(a.users) == 1 for a in requants)
+    model.eval()
+    assert torch.allclose(convert(model, backend="reference")(x), model(x), atol=1e-4)
+
+
+def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.a(y) + self.b(y) + y
+
+    config = QuantConfig.preset("w8a8").with_(name_overrides=(LayerOverride("[ab]", activation_bits=4),))
+    model = prepare(Fork(), config, example_inputs=(torch.randn(2, 3, 4, 4),))
+    requants = [a for a in model.qat_plan.activations if a.role == "requant"]
+    assert len(requants) == 1 and requants[0].users == ("a", "b") and requants[0].config.spec.bits == 4
+    modules = dict(model.named_modules())
+    graph = {n.name: n for n in model.graph.nodes}
+    assert graph["a"].args[0] is graph["b"].args[0] and modules[graph["a"].args[0].target].spec.bits == 4
