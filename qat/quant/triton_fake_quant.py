@@ -29,6 +29,7 @@ from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 128
+_SCALE_EPS = float(torch.finfo(torch.float32).eps)  # = qat.quant.affine.SCALE_EPS
 # Round every product and sum on its own, as torch's eager ops do: a fused multiply-add could move
 # near-ties of the rounding and break bit-equality with the reference.
 _NO_FMA = {"enable_fp_fusion": False}
@@ -61,10 +62,10 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, zero_value, qmin, qmax, eps,
+def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
                     LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(1)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    offs = block * BLOCK + tl.arange(0, BLOCK)
     inbounds = offs < row_len
     base = row.to(tl.int64) * row_len
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
@@ -80,7 +81,7 @@ def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_p
                      SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """grad_x = grad * (code in range). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
     zero-point gradient (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, block]."""
-    block, row = tl.program_id(0), tl.program_id(1)
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
     offs = block * BLOCK + tl.arange(0, BLOCK)
     inbounds = offs < row_len
     base = row.to(tl.int64) * row_len
@@ -118,17 +119,18 @@ def _block(row_len: int) -> int:
     return max(MIN_BLOCK, min(MAX_BLOCK, triton.next_power_of_2(row_len)))
 
 
-def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, tuple[int, int]]:
+def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, int]:
+    """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
     row_len = x.numel() // rows
     block = _block(row_len)
-    return row_len, block, (triton.cdiv(row_len, block), rows)
+    return row_len, block, triton.cdiv(row_len, block)
 
 
 def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
     y = torch.empty_like(x)
-    row_len, block, launch = _launch_shape(x, rows)
-    _forward_kernel[launch](
-        x, y, scale, zero_point if zero_point is not None else scale, row_len, grid.zero_value,
+    row_len, block, n_blocks = _launch_shape(x, rows)
+    _forward_kernel[(rows * n_blocks,)](
+        x, y, scale, zero_point if zero_point is not None else scale, row_len, n_blocks, grid.zero_value,
         float(grid.qmin), float(grid.qmax), _SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
         BLOCK=block, num_warps=8 if block >= 2048 else 4, **_NO_FMA,
     )
@@ -141,10 +143,9 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     if grad.stride() != x.stride():
         grad = torch.empty_like(x).copy_(grad)  # same memory order as x: one flat index addresses both
     grad_x = torch.empty_like(x)
-    row_len, block, launch = _launch_shape(x, rows)
-    n_blocks = launch[0]
+    row_len, block, n_blocks = _launch_shape(x, rows)
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if scale_grad or zero_grad else grad_x
-    _backward_kernel[launch](
+    _backward_kernel[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), _SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
@@ -171,9 +172,6 @@ class _FusedFakeQuantize(torch.autograd.Function):
         grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
         grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
         return grad_x, grad_scale, grad_zero, None, None
-
-
-_SCALE_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def _dense(x: Tensor) -> Tensor:
