@@ -7,6 +7,10 @@ import torch
 
 SHARED_DATA = Path(os.environ.get("QAT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 os.environ.setdefault("QAT_DATA_ROOT", str(SHARED_DATA))  # the app (train.py runs in subprocesses) reads the same data
+if not torch.cuda.is_available():
+    # No GPU: Triton kernels run in Triton's interpreter on CPU tensors. Set before anything imports triton
+    # (torch.fx does), since triton reads it when kernels and its own library functions are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

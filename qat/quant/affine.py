@@ -16,11 +16,39 @@ Scale and zero point tensors have the *reduced shape* of the granularity:
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from qat.quant.spec import Granularity, QuantSpec
 
 SCALE_EPS = torch.finfo(torch.float32).eps
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_use_triton = True  # switched by `fused_kernels`, e.g. to compare against the reference path
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, CUDA fake-quant uses the fused Triton kernels (True) or the pure-torch path (False)."""
+    global _use_triton
+    previous, _use_triton = _use_triton, bool(enabled)
+    try:
+        yield
+    finally:
+        _use_triton = previous
+
+
+def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """The fused Triton kernels serve CUDA float tensors, per-tensor or per-channel, outside torch.compile
+    (which fuses the pure-torch formula itself)."""
+    return (
+        x.is_cuda
+        and _use_triton
+        and spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+        and x.dtype in FUSED_DTYPES
+        and not torch.compiler.is_compiling()
+    )
 
 
 def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -39,7 +67,11 @@ def _channel_axis(x: torch.Tensor, spec: QuantSpec) -> int:
 
 def reduced_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of `x` over everything that shares one (scale, zero_point) under `spec`."""
-    x = x.detach().float()
+    lo, hi = _aminmax(x.detach(), spec)
+    return lo.float(), hi.float()  # exact: min and max are elements of x, reduced in x's own dtype
+
+
+def _aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     g = spec.granularity
     if g is Granularity.PER_TENSOR:
         return torch.aminmax(x)
@@ -125,9 +157,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 
 def _fused_op_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """torch's fused fake-quant kernels coincide with our formula for float32 per-tensor / per-channel."""
+    """torch's fused fake-quant kernels coincide with our formula for float32 per-tensor / per-channel
+    (under torch.compile the plain formula is used: the compiler fuses it with its neighbours)."""
     fused_granularity = spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
-    return fused_granularity and x.dtype == torch.float32
+    return fused_granularity and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 def fake_quantize(
@@ -135,9 +168,14 @@ def fake_quantize(
 ) -> torch.Tensor:
     """quantize + dequantize in one differentiable step (clipped STE); output dtype = input dtype.
 
-    Uses torch.fake_quantize_per_{tensor,channel}_affine where they coincide (float32 input,
-    per-tensor or per-channel), which the tests prove bit-equal to the plain formula.
+    With `use_fused`: on CUDA the fused Triton kernels (`qat.quant.triton_fake_quant`, any float dtype, no
+    float32 copy); elsewhere torch.fake_quantize_per_{tensor,channel}_affine where they coincide (float32
+    input, per-tensor or per-channel). The tests prove both bit-equal to the plain formula.
     """
+    if use_fused and triton_applies(x, spec):
+        from qat.quant import triton_fake_quant
+
+        return triton_fake_quant.fake_quantize(x, scale, zero_point, spec)
     scale = scale.detach().float()
     zero_point = zero_point.detach().to(torch.int32)
     if use_fused and _fused_op_applies(x, spec):

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qat.quant.affine import SCALE_EPS, broadcastable, _as_grid
+from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
 
 
@@ -76,13 +76,20 @@ def lsq_fake_quantize(
     spec: QuantSpec,
     grad_scale: float | None = None,
 ) -> torch.Tensor:
-    """LSQ fake-quant with a learnable `scale` (reduced shape) and optional learnable float `zero_point`."""
+    """LSQ fake-quant with a learnable `scale` (reduced shape) and optional learnable float `zero_point`.
+
+    On CUDA (per-tensor / per-channel) the fused Triton kernels compute the same values and gradients.
+    """
+    g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
+    if triton_applies(x, spec):
+        from qat.quant import triton_fake_quant
+
+        return triton_fake_quant.lsq_fake_quantize(x, scale, zero_point, spec, g)
     xg = _as_grid(x.float(), spec)
     s = broadcastable(torch.clamp(scale.float(), min=SCALE_EPS), xg, spec)
     if zero_point is None:
         zero_point = torch.full_like(scale, float(spec.fixed_zero_point)).detach()
     z = broadcastable(zero_point.float(), xg, spec)
-    g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
     out = _LSQ.apply(xg, s, z, spec.qmin, spec.qmax, g)
     return out.reshape(x.shape).to(x.dtype)
 

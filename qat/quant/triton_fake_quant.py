@@ -1,0 +1,214 @@
+"""Fused fake quantization for training on CUDA: one Triton kernel forward, one backward.
+
+Imported lazily by :mod:`qat.quant.affine` and :mod:`qat.quant.learnable` for CUDA tensors (tests run it
+on CPU tensors with ``TRITON_INTERPRET=1``). The arithmetic is the reference's, in float32 whatever the
+input dtype (bf16 under autocast is read and written as bf16, never copied to float32):
+
+    s = scale (LSQ: max(scale, eps))   z = zero_point (LSQ+: round(clamp(zero_point, qmin, qmax)))
+    codes = round_half_even(x * (1 / s)) + z        y = (clamp(codes, qmin, qmax) - z) * s
+
+The forward reads x once and writes y once; autograd keeps x (already alive in a network: the producer's
+output) instead of a mask. The backward reads grad and x once and writes grad_x once; for LSQ / LSQ+ it
+also writes one partial sum of the scale (and zero point) gradient per block, summed by one small torch
+reduction: no float32 copies, no host synchronisation.
+
+A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
+contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is
+outermost in memory (weights on axis 0, any per-tensor tensor); otherwise the channel axis is moved first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from qat.quant.spec import Granularity, QuantSpec
+
+MAX_BLOCK = 4096
+MIN_BLOCK = 128
+_SCALE_EPS = float(torch.finfo(torch.float32).eps)  # = qat.quant.affine.SCALE_EPS
+# Round every product and sum on its own, as torch's eager ops do: a fused multiply-add could move
+# near-ties of the rounding and break bit-equality with the reference.
+_NO_FMA = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _round_half_even(x):
+    """Like ``torch.round``: exact for every float32 (``x - floor(x)`` is exact)."""
+    f = tl.floor(x)
+    frac = x - f
+    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & f_is_odd), f + 1.0, f)
+
+
+@triton.jit
+def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
+                 LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(s, 1/s, z) of one row; LEARNED applies LSQ's clamps (scale >= eps, zero rounded into range)."""
+    s = tl.load(scale_ptr + row).to(tl.float32)
+    if LEARNED:
+        s = tl.maximum(s, eps)
+    inv_s = tl.math.div_rn(1.0, s)
+    if HAS_ZERO:
+        z = tl.load(zero_ptr + row).to(tl.float32)
+        if LEARNED:
+            z = _round_half_even(tl.minimum(tl.maximum(z, qmin), qmax))
+    else:
+        z = zero_value
+    return s, inv_s, z
+
+
+@triton.jit
+def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
+                    LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    inbounds = offs < row_len
+    base = row.to(tl.int64) * row_len
+    s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
+    x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    codes = _round_half_even(x * inv_s) + z
+    y = (tl.minimum(tl.maximum(codes, qmin), qmax) - z) * s
+    tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inbounds)
+
+
+@triton.jit
+def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_ptr, row_len, rows, n_blocks,
+                     zero_value, qmin, qmax, eps, grad_scale, LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr,
+                     SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_x = grad * (code in range). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
+    zero-point gradient (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, block]."""
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    inbounds = offs < row_len
+    base = row.to(tl.int64) * row_len
+    s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
+    x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    v = x * inv_s
+    rounded = _round_half_even(v)
+    codes = rounded + z
+    below, above = codes < qmin, codes > qmax
+    inside = (codes >= qmin) & (codes <= qmax)
+    tl.store(grad_x_ptr + base + offs, (g * inside.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
+    partial_at = partial_ptr + row.to(tl.int64) * n_blocks + block
+    if SCALE_GRAD:
+        d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
+        unclamped = (tl.load(scale_ptr + row).to(tl.float32) >= eps).to(tl.float32)
+        tl.store(partial_at, tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped))
+    if ZERO_GRAD:
+        outside = (below | above).to(tl.float32)
+        tl.store(partial_at + rows * n_blocks, tl.sum(g * outside, axis=0) * (-s * grad_scale))
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Integer range and gradient options of one fused call (hashable constants, no tensors)."""
+
+    qmin: int
+    qmax: int
+    learned: bool  # LSQ clamps on scale and zero point
+    zero_value: float  # the zero point when no zero-point tensor is given
+    grad_scale: float  # LSQ's gradient scale (unused for the plain clipped STE)
+
+
+def _block(row_len: int) -> int:
+    return max(MIN_BLOCK, min(MAX_BLOCK, triton.next_power_of_2(row_len)))
+
+
+def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, int]:
+    """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
+    row_len = x.numel() // rows
+    block = _block(row_len)
+    return row_len, block, triton.cdiv(row_len, block)
+
+
+def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
+    y = torch.empty_like(x)
+    row_len, block, n_blocks = _launch_shape(x, rows)
+    _forward_kernel[(rows * n_blocks,)](
+        x, y, scale, zero_point if zero_point is not None else scale, row_len, n_blocks, grid.zero_value,
+        float(grid.qmin), float(grid.qmax), _SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4, **_NO_FMA,
+    )
+    return y
+
+
+def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
+              scale_grad: bool, zero_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(grad_x, partial sums (2, rows) of the scale / zero-point gradients or None)."""
+    if grad.stride() != x.stride():
+        grad = torch.empty_like(x).copy_(grad)  # same memory order as x: one flat index addresses both
+    grad_x = torch.empty_like(x)
+    row_len, block, n_blocks = _launch_shape(x, rows)
+    partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if scale_grad or zero_grad else grad_x
+    _backward_kernel[(rows * n_blocks,)](
+        grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
+        grid.zero_value, float(grid.qmin), float(grid.qmax), _SCALE_EPS, grid.grad_scale,
+        LEARNED=grid.learned, HAS_ZERO=zero_point is not None, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4, **_NO_FMA,
+    )
+    sums = partials.sum(dim=-1) if scale_grad or zero_grad else None  # (2, rows, blocks) -> (2, rows)
+    return grad_x, sums
+
+
+class _FusedFakeQuantize(torch.autograd.Function):
+    """Clipped-STE fake quantization (fixed qparams) or LSQ / LSQ+ (learned), on rows of a dense x."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, rows: int, grid: _Grid):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.rows, ctx.grid = rows, grid
+        return _forward(x, scale, zero_point, rows, grid)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        scale_grad, zero_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x, sums = _backward(grad, x, scale, zero_point, ctx.rows, ctx.grid, scale_grad, zero_grad)
+        grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
+        grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
+        return grad_x, grad_scale, grad_zero, None, None
+
+
+def _dense(x: Tensor) -> Tensor:
+    """x itself when its elements fill its storage without gaps in a layout we index flat, else a copy."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def _axis(x: Tensor, spec: QuantSpec) -> int:
+    return spec.axis % x.dim()
+
+
+def _fused(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, grid: _Grid) -> Tensor:
+    if x.numel() == 0:
+        return x * 1  # keeps autograd and dtype; nothing to quantize
+    x = _dense(x)
+    if spec.granularity is Granularity.PER_TENSOR:
+        return _FusedFakeQuantize.apply(x, scale, zero_point, 1, grid)
+    axis = _axis(x, spec)
+    channels = x.shape[axis]
+    if channels > 1 and x.stride(axis) * channels != x.numel():  # channel rows not contiguous in memory
+        moved = _FusedFakeQuantize.apply(x.movedim(axis, 0).contiguous(), scale, zero_point, channels, grid)
+        return moved.movedim(0, axis)  # (C, ...) -> x's dim order
+    return _FusedFakeQuantize.apply(x, scale, zero_point, channels, grid)
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+    """Fused :func:`qat.quant.affine.fake_quantize` (per-tensor / per-channel; no gradient to the qparams)."""
+    grid = _Grid(spec.qmin, spec.qmax, learned=False, zero_value=0.0, grad_scale=0.0)
+    return _fused(x, scale.detach().float().reshape(-1), zero_point.detach().to(torch.int32).reshape(-1), spec, grid)
+
+
+def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, grad_scale: float) -> Tensor:
+    """Fused :func:`qat.quant.learnable.lsq_fake_quantize`: gradients to x, scale and (LSQ+) zero_point."""
+    grid = _Grid(spec.qmin, spec.qmax, learned=True, zero_value=float(spec.fixed_zero_point), grad_scale=grad_scale)
+    zero = None if zero_point is None else zero_point.reshape(-1)
+    return _fused(x, scale.reshape(-1), zero, spec, grid)

@@ -1,0 +1,214 @@
+"""Time one QAT training step against float training, side by side in one process; prints a markdown table.
+
+    python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128
+    python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --compile
+    python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --profile
+    python scripts/bench_gpu_qat.py --device cpu --batch 2 --image-size 32 --iters 2 --warmup 1   # smoke test
+
+A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, channels_last. Rows: float
+fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT qconfig, fp32), ours W8A8
+(observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned, observers off), both
+under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``. Times are medians
+of CUDA-event-timed steps after warm-up (wall-clock on CPU); the ratio is against float bf16 (eager).
+``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
+pure-torch fake-quant path instead of the fused Triton kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qat  # noqa: E402
+from qat.quant.affine import fused_kernels  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every variant shares: the batch, the device and the model recipe."""
+
+    model: str
+    num_classes: int
+    x: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    def float_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, self.model)(num_classes=self.num_classes)
+        return model.to(self.device, memory_format=torch.channels_last).train()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row: how to build the model, and whether the step runs under bf16 autocast / torch.compile."""
+
+    name: str
+    build: Callable[[Setup], nn.Module]
+    autocast: bool
+    compiled: bool = False
+    qat: bool = False
+
+
+def build_float(setup: Setup) -> nn.Module:
+    return setup.float_model()
+
+
+def build_torch_ao(setup: Setup) -> nn.Module:
+    warnings.filterwarnings("ignore", module="torch.ao")  # deprecation notices: torch.ao is the baseline here
+    from torch.ao.quantization import get_default_qat_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    return prepare_qat_fx(setup.float_model(), get_default_qat_qconfig_mapping("x86"), (setup.x[:2],))
+
+
+def build_ours(preset: str, observers_on: bool) -> Callable[[Setup], nn.Module]:
+    def build(setup: Setup) -> nn.Module:
+        model = qat.prepare(setup.float_model(), qat.QuantConfig.preset(preset), example_inputs=(setup.x[:2],))
+        qat.calibrate(model, [setup.x[:32]], freeze=not observers_on)  # ranges from one batch, then train
+        return model.train()
+
+    return build
+
+
+VARIANTS = [
+    Variant("float fp32", build_float, autocast=False),
+    Variant("float bf16", build_float, autocast=True),
+    Variant("torch.ao QAT fp32 (x86 qconfig)", build_torch_ao, autocast=False, qat=True),
+    Variant("ours W8A8 bf16", build_ours("w8a8", observers_on=True), autocast=True, qat=True),
+    Variant("ours W4A4 LSQ bf16", build_ours("w4a4_lsq", observers_on=False), autocast=True, qat=True),
+]
+COMPILED_VARIANTS = [
+    Variant("float bf16 compiled", build_float, autocast=True, compiled=True),
+    Variant("ours W8A8 bf16 compiled", build_ours("w8a8", observers_on=True), autocast=True, compiled=True, qat=True),
+    Variant("ours W4A4 LSQ bf16 compiled", build_ours("w4a4_lsq", observers_on=False), autocast=True, compiled=True,
+            qat=True),
+]
+
+
+def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    device_type = setup.device.type
+
+    def step() -> None:
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(setup.x), setup.target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def median_ms(step: Callable[[], None], device: torch.device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:  # back to back, as in training: the host runs ahead of the device
+        start.record()
+        step()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def profile(name: str, step: Callable[[], None], device: torch.device, steps: int = 5) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n### {name}: top kernels over {steps} steps\n")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
+
+
+def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
+    rows = []
+    for variant in variants:
+        model = variant.build(setup)
+        if variant.compiled:
+            model = torch.compile(model)
+        step = make_step(model, setup, variant.autocast)
+        rows.append((variant.name, median_ms(step, setup.device, args.iters, args.warmup)))
+        print(f"{variant.name}: {rows[-1][1]:.2f} ms/step", file=sys.stderr)
+        if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
+            profile(variant.name, step, setup.device)
+        del model, step
+        if setup.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def table(rows: list[tuple[str, float]], baseline: str, title: str) -> str:
+    base = dict(rows)[baseline]
+    lines = [f"**{title}**", "", "| variant | ms/step | vs float bf16 |", "|---|---:|---:|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / base:.2f}x |" for name, ms in rows]
+    if "float bf16 compiled" in dict(rows):
+        compiled_base = dict(rows)["float bf16 compiled"]
+        lines += ["", "| compiled variant | vs float bf16 compiled |", "|---|---:|"]
+        lines += [f"| {name} | {ms / compiled_base:.2f}x |" for name, ms in rows if name.endswith("compiled")]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", help="a torchvision model name (resnet50, resnet18, ...)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--compile", action="store_true", help="also time float bf16 and ours under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")
+    parser.add_argument("--reference", action="store_true", help="ours on the pure-torch fake-quant path")
+    parser.add_argument("--only", default=None, help="run only variants whose name contains this")
+    args = parser.parse_args()
+
+    torch.backends.cudnn.benchmark = True
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    setup = Setup(args.model, args.num_classes, x.contiguous(memory_format=torch.channels_last),
+                  torch.randint(0, args.num_classes, (args.batch,), device=device))
+    variants = VARIANTS + (COMPILED_VARIANTS if args.compile else [])
+    if args.only:
+        variants = [v for v in variants if args.only in v.name or v.name == "float bf16"]
+    with fused_kernels(False) if args.reference else contextlib.nullcontext():
+        rows = run(variants, setup, args)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    title = (f"{args.model} {args.image_size}px batch {args.batch}, {name}, torch {torch.__version__}"
+             f"{', reference fake-quant path' if args.reference else ''}")
+    print("\n" + table(rows, "float bf16", title))
+
+
+if __name__ == "__main__":
+    main()

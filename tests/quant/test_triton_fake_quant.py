@@ -1,0 +1,171 @@
+"""The fused Triton fake-quant equals the pure-torch reference: values, gradients of x, scale and zero point,
+and a few training steps of a prepared model.
+
+On CUDA the kernels run natively: forward bit-exact in float32 and bfloat16. Without CUDA they run in
+Triton's interpreter (TRITON_INTERPRET=1) on tiny CPU tensors; the interpreter stores bfloat16 by
+truncation instead of rounding to nearest, so there bfloat16 outputs are compared within one bfloat16 ulp.
+"""
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import qat
+from qat.quant import affine, learnable
+from qat.quant.affine import fake_quantize, fused_kernels
+from qat.quant.learnable import lsq_fake_quantize, lsq_grad_scale
+from qat.quant.spec import QuantSpec
+
+pytest.importorskip("triton")
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+BF16_ULP = 2.0**-7  # one bfloat16 ulp, relative to the value (at most)
+
+AFFINE_SPECS = {
+    "u8_tensor": QuantSpec(bits=8, signed=False),
+    "s8_sym_tensor": QuantSpec(bits=8, signed=True, symmetric=True),
+    "s8_sym_ch0": QuantSpec(bits=8, symmetric=True, narrow_range=True, granularity="per_channel", axis=0),
+    "u8_ch1": QuantSpec(bits=8, signed=False, granularity="per_channel", axis=1),  # channel axis inner in memory
+}
+LSQ_SPECS = {
+    "s4_sym_ch0": (QuantSpec(bits=4, symmetric=True, narrow_range=True, granularity="per_channel"), False),
+    "u4_tensor_lsq_plus": (QuantSpec(bits=4, signed=False), True),
+    "u8_tensor_lsq_plus": (QuantSpec(bits=8, signed=False), True),
+    "s2_tensor": (QuantSpec(bits=2, signed=True), False),
+}
+
+
+@pytest.fixture(scope="module")
+def fused_module():
+    """qat.quant.triton_fake_quant: native kernels on CUDA, interpreted on the CPU (tests/conftest.py sets
+    TRITON_INTERPRET=1 before triton is imported when there is no GPU)."""
+    if not ON_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    return importlib.import_module("qat.quant.triton_fake_quant")
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch, fused_module):
+    """Route CPU tensors through the fused kernels too (interpreted), so model-level tests run everywhere."""
+    if not ON_CUDA:
+        def applies(x, spec):
+            return affine._use_triton and spec.granularity.value in ("per_tensor", "per_channel")
+
+        monkeypatch.setattr(affine, "triton_applies", applies)
+        monkeypatch.setattr(learnable, "triton_applies", applies)
+
+
+def _input(shape, scale: torch.Tensor, spec: QuantSpec, dtype) -> torch.Tensor:
+    """Values across and beyond the grid, with exact ties (k + 0.5) * s to exercise round-half-to-even."""
+    x = torch.randn(shape) * 200 * float(scale.max())
+    if spec.is_per_channel:
+        s = scale.reshape([-1 if d == spec.axis else 1 for d in range(len(shape))])  # (C,) -> broadcast
+    else:
+        s = scale
+    ties = (torch.randint(-130, 130, shape) + 0.5) * s
+    x = torch.where(torch.rand(shape) < 0.3, ties, x)
+    return x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _assert_same_output(got: torch.Tensor, expected: torch.Tensor) -> None:
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == torch.float32 or ON_CUDA:
+        assert torch.equal(got, expected)
+    else:  # interpreter: bfloat16 stores truncate
+        torch.testing.assert_close(got.float(), expected.float(), rtol=BF16_ULP, atol=0)
+
+
+def _leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", AFFINE_SPECS)
+def test_fixed_qparams_match_reference(fused_module, name, dtype):
+    spec = AFFINE_SPECS[name]
+    shape = (6, 5, 3, 4)
+    channels = shape[spec.axis] if spec.is_per_channel else 1
+    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
+    zero = torch.randint(spec.qmin, spec.qmax + 1, scale.shape, dtype=torch.int32) if not spec.symmetric else \
+        torch.zeros(scale.shape, dtype=torch.int32)
+    x = _input(shape, scale, spec, dtype)
+    scale, zero = scale.to(DEVICE), zero.to(DEVICE)
+    x_fused, x_ref = _leaf(x), _leaf(x)
+    y_fused = fused_module.fake_quantize(x_fused, scale, zero, spec)
+    y_ref = fake_quantize(x_ref, scale, zero, spec, use_fused=False)
+    _assert_same_output(y_fused, y_ref)
+    if spec.axis != 1:  # channel rows contiguous in memory: no copy, channels_last in and out
+        assert y_fused.stride() == x.stride()
+    grad = torch.randn_like(y_ref)
+    y_fused.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(x_fused.grad, x_ref.grad)
+    assert 0 < int((x_ref.grad == 0).sum()) < x.numel()  # the test clips some values and keeps others
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", LSQ_SPECS)
+def test_lsq_matches_reference(fused_module, name, dtype):
+    spec, learned_zero = LSQ_SPECS[name]
+    shape = (4, 3, 5, 5) if spec.is_per_channel else (2, 3, 40, 50)  # per-tensor: 12000 = several blocks
+    channels = shape[0] if spec.is_per_channel else 1
+    scale = (torch.rand(channels) * 0.3 + 0.05).reshape(-1 if spec.is_per_channel else ())
+    zero = torch.full(scale.shape, 3.4) if learned_zero else None
+    x = _input(shape, scale, spec, dtype) * 0.02
+    scale = scale.to(DEVICE)
+    fused_args = (_leaf(x), _leaf(scale), None if zero is None else _leaf(zero.to(DEVICE)))
+    ref_args = (_leaf(x), _leaf(scale), None if zero is None else _leaf(zero.to(DEVICE)))
+    g = lsq_grad_scale(x, spec)
+    y_fused = fused_module.lsq_fake_quantize(*fused_args, spec, g)
+    with fused_kernels(False):
+        y_ref = lsq_fake_quantize(*ref_args, spec)
+    _assert_same_output(y_fused, y_ref)
+    grad = torch.randn_like(y_ref)
+    y_fused.backward(grad)
+    y_ref.backward(grad)
+    assert torch.equal(fused_args[0].grad, ref_args[0].grad)
+    torch.testing.assert_close(fused_args[1].grad, ref_args[1].grad, rtol=1e-4, atol=1e-6)
+    if learned_zero:
+        torch.testing.assert_close(fused_args[2].grad, ref_args[2].grad, rtol=1e-4, atol=1e-6)
+        assert fused_args[2].grad.abs().sum() > 0  # some codes clip, so the offset learns
+
+
+def test_lsq_scale_clamped_at_eps_gets_no_gradient(fused_module):
+    spec = QuantSpec(bits=4, signed=False)
+    x = torch.randn(300, device=DEVICE)
+    scale = torch.tensor(-0.5, device=DEVICE, requires_grad=True)  # below eps: clamped, as in the reference
+    fused_module.lsq_fake_quantize(x, scale, None, spec, 1.0).sum().backward()
+    assert scale.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
+def test_training_steps_fused_match_reference(triton_on_cpu, preset):
+    """A few SGD steps of a small prepared Conv-BN-ReLU net: the losses of both paths agree."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    x, target = torch.randn(8, 3, 8, 8, device=DEVICE), torch.randint(0, 4, (8,), device=DEVICE)
+    prepared = qat.prepare(model.to(DEVICE), qat.QuantConfig.preset(preset), example_inputs=(x,))
+    qat.calibrate(prepared, [x], freeze=preset != "w8a8")
+    losses = {}
+    for fused in (True, False):
+        net = copy.deepcopy(prepared).train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        losses[fused] = []
+        with fused_kernels(fused), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=ON_CUDA):
+            for _ in range(6):
+                loss = nn.functional.cross_entropy(net(x), target)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses[fused].append(loss.item())
+    assert losses[True][-1] < losses[True][0]  # it trains
+    # float32 on the CPU: equal up to the summation order of LSQ's scale gradients; bf16 convs on CUDA drift more
+    rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
