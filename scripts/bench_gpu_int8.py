@@ -34,10 +34,10 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qat.int8 import convert  # noqa: E402
-from qat.fx import QuantConfig, calibrate, prepare  # noqa: E402
-from qat.kernels import get_backend  # noqa: E402
-from qat.kernels.types import ActQParams, Int8Weight  # noqa: E402
+from qat.fx import QuantConfig, calibrate, prepare
+from qat.int8 import convert
+from qat.kernels import get_backend
+from qat.kernels.types import ActQParams, Int8Weight
 
 X_QP = ActQParams(scale=0.02, zero_point=128, qmin=0, qmax=255)
 OUT_QP = ActQParams(scale=0.5, zero_point=128, qmin=0, qmax=255)

@@ -7,6 +7,8 @@ import torch
 
 SHARED_DATA = Path(os.environ.get("QAT_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 os.environ.setdefault("QAT_DATA_ROOT", str(SHARED_DATA))  # the app (train.py runs in subprocesses) reads the same data
+# Tests check numerics, not speed: one Triton tile per kernel (every tile is forced in test_kernels_triton_tiles).
+os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,10 +19,10 @@ import operator
 import torch
 from torch import fx, nn
 
-from qat.int8 import modules as q8
 from qat.fx import patterns
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
+from qat.int8 import modules as q8
 from qat.kernels import BACKENDS, ActQParams, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
 from qat.quant.fake_quantize import QuantizerBase

@@ -5,7 +5,7 @@ Activations between int8 modules are the backend's tensors (plain uint8/int8, or
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -127,7 +127,7 @@ class Int8Conv2dAdd(Int8Conv2d):
         self.conv_qp, self.conv_relu, self.other_qp = conv_qp, conv_relu, other_qp
 
     @classmethod
-    def from_conv(cls, conv: Int8Conv2d, other_qp: ActQParams) -> "Int8Conv2dAdd":
+    def from_conv(cls, conv: Int8Conv2d, other_qp: ActQParams) -> Int8Conv2dAdd:
         weight = Int8Weight(conv.weight_int8, conv.weight_scale)
         return cls(weight, conv.bias, conv.in_qp, conv.out_qp, conv.relu, other_qp, conv.backend_name, conv.geometry)
 

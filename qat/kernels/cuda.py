@@ -33,8 +33,8 @@ kernels on CPU tensors (slow; for tests).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

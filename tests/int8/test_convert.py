@@ -1,13 +1,12 @@
 """Int8 conversion: every backend against the reference kernels, int8 against fake-quant, errors."""
 import pytest
 import torch
+from torch import fx
 
 import qat
-
-from qat.int8 import ConversionError, compare, convert, layer_agreement
-from torch import fx
 from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare
+from qat.int8 import ConversionError, compare, convert, layer_agreement
 from qat.int8.lower import lower
 from qat.int8.modules import Int8Binary, Int8Conv2dAdd
 from qat.kernels import BACKENDS as KERNEL_BACKENDS

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import CUDA_MARKS, DEVICES, activation_qparams, assert_quantized_agree, fitted_qparams, random_activation, random_weight
+from kernel_cases import (
+    CUDA_MARKS,
+    DEVICES,
+    activation_qparams,
+    assert_quantized_agree,
+    fitted_qparams,
+    random_activation,
+    random_weight,
+)
 
 from qat.kernels import cuda
 from qat.kernels.reference import ReferenceBackend
@@ -64,3 +72,26 @@ def test_conv_tile_with_residual(tile, shape):
         got = tk.conv_gemm(x.to(DEVICE), x_qp, gw.w, gw.c_pad, gw.packed_taps, gw.wsum, *args, (kernel, kernel),
                            (stride, stride), (padding, padding), (1, 1), out_qp, True, residual, config=tile)
     assert_quantized_agree(got.cpu(), expected.permute(0, 2, 3, 1).reshape(-1, k))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times kernels on a GPU")
+def test_autotuned_kernels_match_reference(monkeypatch):
+    """The autotuner itself (all tiles, pruning, timing) on a padded tap-major conv and a ragged-K GEMM."""
+    for kernel in (tk._conv_kernel, tk._gemm_kernel):
+        monkeypatch.setattr(kernel, "configs", [t.config() for t in tk.TILES])
+        monkeypatch.setattr(kernel, "cache", {})
+    backend = cuda.CudaBackend()
+    x_qp = activation_qparams(False)
+    x = random_activation((2, 40, 9, 9), x_qp).contiguous(memory_format=torch.channels_last)
+    weight, bias = random_weight((48, 40, 3, 3)), torch.randn(48)
+    geometry = ConvGeometry(stride=2, padding=1)
+    packed = REF.pack_conv2d(weight, bias, geometry)
+    out_qp = fitted_qparams(REF.conv2d(x, x_qp, packed))
+    got = backend.conv2d(x.cuda(), x_qp, backend.pack_conv2d(weight, bias, geometry), out_qp, relu=True)
+    assert_quantized_agree(got.cpu(), REF.conv2d(x, x_qp, packed, out_qp, relu=True))
+    rows = random_activation((300, 200), x_qp)
+    lin = random_weight((72, 200))
+    lin_qp = fitted_qparams(REF.linear(rows, x_qp, REF.pack_linear(lin, None)))
+    got = backend.linear(rows.cuda(), x_qp, backend.pack_linear(lin, None), lin_qp)
+    assert_quantized_agree(got.cpu(), REF.linear(rows, x_qp, REF.pack_linear(lin, None), lin_qp))
