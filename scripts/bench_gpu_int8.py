@@ -2,7 +2,8 @@
 
     python scripts/bench_gpu_int8.py [--iters 20] [--warmup 5]
     python scripts/bench_gpu_int8.py --smoke                      # CPU, tiny shapes, reference backend
-    TRITON_INTERPRET=1 python scripts/bench_gpu_int8.py --smoke --backend cuda   # CPU, the Triton kernels
+    TRITON_INTERPRET=1 python scripts/bench_gpu_int8.py --smoke --backend cuda --only linear  # CPU, Triton kernels
+    (the ResNet-50 / ViT rows under the interpreter take over 15 minutes)
 
 Rows (one markdown table):
 * ResNet-50 224 px at batch 256 and batch 1, ViT-B/16 224 px at batch 256: qat.prepare (w8a8) -> calibrate
