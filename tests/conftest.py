@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
     # No GPU: Triton kernels run in Triton's interpreter on CPU tensors. Set before anything imports triton
     # (torch.fx does), since triton reads it when kernels and its own library functions are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check numerics, not speed: one Triton tile per kernel (every tile is forced in test_kernels_triton_tiles).
+os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

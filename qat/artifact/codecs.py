@@ -122,6 +122,20 @@ def _weight_layer_decode(cls):
     return decode
 
 
+def _conv_add_encode(m: q8.Int8Conv2dAdd):
+    config, tensors = _weight_layer_encode(m)
+    config.update(conv_qp=_asdict(m.conv_qp), conv_relu=m.conv_relu, other_qp=_asdict(m.other_qp))
+    return config, tensors
+
+
+def _conv_add_decode(config, tensors, backend):
+    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
+    m = q8.Int8Conv2dAdd(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["conv_qp"]),
+                         config["conv_relu"], _qp(config["other_qp"]), backend, ConvGeometry(**config["geometry"]))
+    m.out_qp, m.relu = _qp(config["out_qp"]), config["relu"]
+    return m
+
+
 def _keep_grid_encode(m: q8.KeepGrid):
     fn = m.fn
     if isinstance(fn, nn.Module):
@@ -161,6 +175,7 @@ def _cat_decode(config, tensors, backend):
 INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Linear: (_weight_layer_encode, _weight_layer_decode(q8.Int8Linear)),
     q8.Int8Conv2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv2d)),
+    q8.Int8Conv2dAdd: (_conv_add_encode, _conv_add_decode),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),

@@ -6,6 +6,8 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   activation quantizer on a float value          -> Quantize
   QAT Conv/Linear with an int8 input             -> Int8Conv*/Int8Linear (BN folded, ReLU fused)
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
+  add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
+                                                    backend fuses them (``fuses_conv_add``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
   anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
 """
@@ -17,11 +19,11 @@ import operator
 import torch
 from torch import fx, nn
 
-from qat.int8 import modules as q8
 from qat.fx import patterns
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
-from qat.kernels import ActQParams, ConvGeometry, Int8Weight
+from qat.int8 import modules as q8
+from qat.kernels import BACKENDS, ActQParams, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
 from qat.quant.fake_quantize import QuantizerBase
 
@@ -85,9 +87,14 @@ def int8_layer(m: QuantizedWeightModule, name: str, in_qp: ActQParams, backend: 
     raise ConversionError(f"layer '{name}': no int8 kernel for {m.float_type.__name__}")
 
 
+def _fuses_relu(module: nn.Module | None) -> bool:
+    """Ops whose requantize epilogue can apply a following ReLU (raising the clamp floor)."""
+    return isinstance(module, q8.Int8Conv2dAdd) or (isinstance(module, q8.Int8Binary) and module.op in ("add", "mul"))
+
+
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, backend: str):
-        self.gm, self.backend = gm, backend
+    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool):
+        self.gm, self.backend, self.fuse_conv_add = gm, backend, fuse_conv_add
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
         self.open_ops: dict[fx.Node, nn.Module] = {}  # int8 ops whose output qparams are not set yet
@@ -131,9 +138,9 @@ class _Lowering:
         if patterns.activation_kind(node, self.modules) != "relu" or not node.args:
             return False
         op, users = node.args[0], list(node.users)
-        is_open_binary = isinstance(self.open_ops.get(op), q8.Int8Binary) and len(op.users) == 1
+        fuses = _fuses_relu(self.open_ops.get(op)) and len(op.users) == 1
         feeds_quantizer = len(users) == 1 and isinstance(self.modules.get(users[0].target), QuantizerBase)
-        return is_open_binary and feeds_quantizer
+        return fuses and feeds_quantizer
 
     def _int8_args(self, args) -> bool:
         return isinstance(args, (list, tuple)) and len(args) > 0 and all(a in self.grid for a in args)
@@ -170,7 +177,7 @@ class _Lowering:
             return value
         op = value.args[0]
         module = self.open_ops.get(op)
-        if isinstance(module, q8.Int8Binary) and module.op in ("add", "mul") and len(op.users) == 1:
+        if _fuses_relu(module) and len(op.users) == 1:
             module.relu = True
             value.replace_all_uses_with(op)
             self.gm.graph.erase_node(value)
@@ -190,11 +197,39 @@ class _Lowering:
             self.relu6_ops.add(node)
 
     def _binary(self, node: fx.Node) -> None:
+        fusable = self._fusable_conv(node)
+        if fusable is not None:
+            return self._conv_add(node, *fusable)
         a, b = node.args[:2]
         op = q8.Int8Binary(patterns.binary_kind(node), self.grid[a], self.grid[b], self.backend)
         new = self._replace(node, op, op.op, (a, b))
         self.modules[new.target] = op
         self.open_ops[new] = op
+
+    def _fusable_conv(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """(conv, other) when ``node`` adds the requantized output of an Int8Conv2d that nothing else reads."""
+        if not self.fuse_conv_add or patterns.binary_kind(node) != "add" or node.kwargs:
+            return None
+        a, b = node.args[:2]
+        for conv, other in ((a, b), (b, a)):
+            module = self.modules.get(conv.target) if conv.op == "call_module" else None
+            if type(module) is q8.Int8Conv2d and module.out_qp is not None and len(conv.users) == 1 and conv is not other:
+                return conv, other
+        return None
+
+    def _conv_add(self, node: fx.Node, conv: fx.Node, other: fx.Node) -> None:
+        """Replace ``add(conv(x), other)`` by one Int8Conv2dAdd call ``(x, other)`` at the add's place."""
+        fused = q8.Int8Conv2dAdd.from_conv(self.modules[conv.target], self.grid[other])
+        _set_submodule(self.gm, conv.target, fused)
+        self.modules[conv.target] = fused
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_module(conv.target, (conv.args[0], other))
+        node.replace_all_uses_with(new)
+        self.gm.graph.erase_node(node)
+        self.gm.graph.erase_node(conv)
+        del self.grid[conv]  # the conv's own output exists only inside the fused kernel now
+        self.value_map = {q: name for q, name in self.value_map.items() if name != conv.name}
+        self.open_ops[new] = fused
 
     def _cat(self, node: fx.Node) -> None:
         inputs = list(node.args[0])
@@ -248,12 +283,15 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str) -> None:
                 _set_submodule(gm, name, nn.Sequential(q8.Quantize(in_qp, backend), layer))
 
 
-def lower(prepared: fx.GraphModule, backend: str) -> fx.GraphModule:
+def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None) -> fx.GraphModule:
+    """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
+    (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike)."""
     gm = copy.deepcopy(prepared).eval()
+    fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
-    lowering = _Lowering(gm, backend)
+    lowering = _Lowering(gm, backend, fuse_conv_add)
     lowering.run()
     _lower_leaf_layers(gm, backend)
     gm.graph.lint()

@@ -5,7 +5,7 @@ Activations between int8 modules are the backend's tensors (plain uint8/int8, or
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -114,6 +114,29 @@ class Int8Linear(Int8WeightLayer):
 
 class Int8Conv2d(Int8WeightLayer):
     kind = "conv2d"
+
+
+class Int8Conv2dAdd(Int8Conv2d):
+    """A conv whose output (on ``conv_qp``, ReLU'd when ``conv_relu``) feeds only an add with ``other``: one
+    backend call, ``conv2d_add``, fused into the conv's epilogue where the backend ``fuses_conv_add``.
+    ``out_qp`` and ``relu`` are the add's."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, conv_qp: ActQParams,
+                 conv_relu: bool, other_qp: ActQParams, backend: str, geometry: ConvGeometry):
+        super().__init__(weight, bias, in_qp, None, False, backend, geometry)
+        self.conv_qp, self.conv_relu, self.other_qp = conv_qp, conv_relu, other_qp
+
+    @classmethod
+    def from_conv(cls, conv: Int8Conv2d, other_qp: ActQParams) -> Int8Conv2dAdd:
+        weight = Int8Weight(conv.weight_int8, conv.weight_scale)
+        return cls(weight, conv.bias, conv.in_qp, conv.out_qp, conv.relu, other_qp, conv.backend_name, conv.geometry)
+
+    def forward(self, t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self.backend.conv2d_add(t, self.in_qp, self.packed, self.conv_qp, other, self.other_qp, self.out_qp,
+                                       self.relu, self.conv_relu)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, + add (conv relu={self.conv_relu})"
 
 
 class Int8ConvTranspose2d(Int8WeightLayer):

@@ -4,40 +4,50 @@ Backend tensors are the plain uint8/int8 CUDA tensors (``to_backend``/``from_bac
 Every path accumulates int8 x int8 products in int32 and ends in the reference's float32 requantization
 (no FMA contraction), so results match the reference bit for bit except where float32(acc) rounds.
 
-* Linear: one Triton GEMM kernel. uint8 activations become ``q - 128`` in registers (int8 tensor cores
-  want signed operands); the shift comes back in the fused epilogue (scale, bias, ReLU, requantize)
-  through precomputed per-channel weight sums: ``sum_k (q - z) w = sum_k signed(q) w + (128 - z) sum_k w``.
-  Weights are stored K-major and zero-padded to the K step at pack time (with N-major weights Triton's
-  int8 dot ran 3-10x slower on an H100). H100, 4096x4096x4096 requantized: 0.183 ms against 0.190 ms
-  for bf16 ``F.linear`` and 0.188 ms for cuBLASLt's ``_int_mm`` alone, which would still need a
-  conversion pass and an int32 round trip for the epilogue (0.24-0.27 ms in all, measured).
-* Conv2d (groups=1, any kernel/stride/padding/dilation): one Triton implicit-GEMM kernel reading the
-  input in place (channels_last is the fast layout; taps outside the image read the zero point), with the
-  same fused epilogue. Outputs are channels_last. At ResNet-50 shapes (batch 32, H100) it takes
-  0.08-0.16 ms a layer (the 3-channel stem 0.56 ms: it wastes most of each K step), about 2x faster
-  than im2col + ``_int_mm`` but 2-3x slower than bf16 cuDNN.
-* add/mul of same-layout tensors and batched matmul: Triton kernels (``triton_kernels``).
-* Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: grouped/depthwise
-  conv, conv_transpose2d, add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
+* Linear and 1x1 stride-1 convs on channels_last input ([B*H*W, C] rows): one Triton GEMM kernel. uint8
+  activations become ``q - 128`` in registers (int8 tensor cores want signed operands); the shift comes back
+  in the fused epilogue (scale, bias, ReLU, requantize) through precomputed per-channel weight sums:
+  ``sum_k (q - z) w = sum_k signed(q) w + (128 - z) sum_k w``. Weights are stored K-major, zero-padded to a
+  multiple of 32 (with N-major weights Triton's int8 dot ran 3-10x slower on an H100).
+* Other convs with groups=1 (any kernel/stride/padding/dilation, any input strides; channels_last is the
+  fast layout): a Triton implicit-GEMM kernel reading the input in place, taps outside the image reading
+  the zero point. Inputs with few channels (the RGB stem) pack the taps back to back in K instead of
+  padding every tap's channels to 32. Outputs are channels_last.
+* GEMM and conv kernels are autotuned per shape (``triton_kernels.TILES``); the first call of each shape
+  pays for it.
+* ``conv2d_add`` fuses a residual add (+ReLU) into the conv epilogue: what the unfused graph computes
+  (conv requantized to its grid, dequantized, added, requantized), bit for bit.
+* Grouped and depthwise convs: a direct Triton kernel (int32 on CUDA cores).
+* quantize / dequantize of dense tensors, add/mul of same-layout tensors, batched matmul: Triton kernels;
+  max-pooling runs on the codes (in float16, exact) instead of dequantizing.
+* Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: conv_transpose2d,
+  add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
 
 The module imports without CUDA (Triton is imported when the backend is built); building the backend
-without a CUDA device raises RuntimeError.
+without a CUDA device raises RuntimeError, except under ``TRITON_INTERPRET=1``, where it runs the same
+kernels on CPU tensors (slow; for tests).
 
 >>> CudaBackend.name  # importing needs no GPU; CudaBackend() does
 'cuda'
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from qat.kernels.reference import ReferenceBackend, make_packed
+from qat.kernels.reference import ReferenceBackend, conv2d_then_add, make_packed
 from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
 
 _REFERENCE = ReferenceBackend()
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+K_ALIGN = 32  # = triton_kernels.K_ALIGN (not imported here: importing Triton waits for the backend)
+_MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_MAX_POOL_FUNCTIONS = frozenset({F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d})
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -45,54 +55,94 @@ def _round_up(value: int, multiple: int) -> int:
 
 
 @dataclass(frozen=True, eq=False)
-class ConvGemmWeight:
-    """Weight of the implicit-GEMM kernel: ``w`` is ``[N, kh*kw*c_pad]`` (K contiguous: the layout int8
-    tensor-core GEMMs need) with columns ``(kh, kw, c)``, zero for ``c >= C``; ``wsum[n] = sum w[n]``;
-    ``block_k`` divides ``c_pad``."""
+class GemmWeight:
+    """Weight of the GEMM and implicit-GEMM kernels, the same for every autotuned tile.
+
+    ``w`` is ``[N, K_pad]`` int8, K contiguous (the layout int8 tensor-core GEMMs need), zero past the real K.
+    Tap-major: columns ``(kh, kw, c)`` with ``c_pad`` (a multiple of 32) channels per tap. ``packed_taps``:
+    columns ``(kh, kw, c)`` back to back (``c_pad == C``), K padded once. ``wsum[n] = sum w[n]`` (int32).
+    """
 
     w: Tensor
     wsum: Tensor
     c_pad: int
-    block_k: int
+    packed_taps: bool
 
 
-def pack_conv_gemm_weight(q: Tensor, block_k: int | None = None) -> ConvGemmWeight:
-    """``[N, C, kh, kw]`` int8 conv weight (a Linear weight is ``[N, K, 1, 1]``) -> ``ConvGemmWeight``."""
+def pack_gemm_weight(q: Tensor) -> GemmWeight:
+    """``[N, C, kh, kw]`` int8 conv weight (a Linear weight is ``[N, K, 1, 1]``) -> ``GemmWeight``.
+
+    Fewer than 32 channels with a kernel larger than 1x1 (the RGB stem) packs the taps back to back.
+    """
     n, c, kh, kw = q.shape
-    block_k = block_k or (64 if c >= 64 else 32)
-    c_pad = _round_up(c, block_k)
+    wsum = q.sum((1, 2, 3), dtype=torch.int32)
+    if kh * kw > 1 and c < K_ALIGN:
+        k = kh * kw * c
+        w = torch.zeros(n, _round_up(k, K_ALIGN), dtype=torch.int8, device=q.device)
+        w[:, :k] = q.permute(0, 2, 3, 1).reshape(n, k)  # [N, C, kh, kw] -> [N, (kh, kw, c)]
+        return GemmWeight(w=w, wsum=wsum, c_pad=c, packed_taps=True)
+    c_pad = _round_up(c, K_ALIGN)
     w = torch.zeros(n, kh, kw, c_pad, dtype=torch.int8, device=q.device)
     w[..., :c] = q.permute(0, 2, 3, 1)
-    return ConvGemmWeight(w=w.view(n, kh * kw * c_pad), wsum=q.sum((1, 2, 3), dtype=torch.int32), c_pad=c_pad,
-                          block_k=block_k)
+    return GemmWeight(w=w.view(n, kh * kw * c_pad), wsum=wsum, c_pad=c_pad, packed_taps=False)
 
 
-def _require_cuda(*tensors: Tensor) -> None:
-    for t in tensors:
-        if not t.is_cuda:
-            raise ValueError(f"the cuda kernel backend needs CUDA tensors, got one on {t.device}")
+@dataclass(frozen=True, eq=False)
+class GroupedWeight:
+    """Weight of the direct grouped conv: ``w`` is ``[kh*kw*C/groups, N]`` int8 (row ``(kh*KW + kw)*C/groups + ci``)."""
+
+    w: Tensor
+    groups: int
+
+
+def pack_grouped_weight(q: Tensor, groups: int) -> GroupedWeight:
+    n, cg, kh, kw = q.shape
+    return GroupedWeight(w=q.permute(2, 3, 1, 0).reshape(kh * kw * cg, n).contiguous(), groups=groups)
+
+
+def _is_pointwise(g: ConvGeometry, kernel: tuple[int, int]) -> bool:
+    return kernel == (1, 1) and g.stride == (1, 1) and g.padding == (0, 0) and g.groups == 1
+
+
+def _nhwc_rows(x: Tensor) -> Tensor | None:
+    """``[B*H*W, C]`` view of a channels_last-dense ``[B, C, H, W]`` tensor, else None."""
+    nhwc = x.permute(0, 2, 3, 1)
+    return nhwc.view(-1, x.shape[1]) if nhwc.is_contiguous() else None
+
+
+def _is_dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def _dense_same_layout(a: Tensor, b: Tensor) -> bool:
-    dense = a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
-    return dense and a.shape == b.shape and a.stride() == b.stride()
+    return _is_dense(a) and a.shape == b.shape and a.stride() == b.stride()
 
 
 class CudaBackend:
     """int8 on NVIDIA GPUs through Triton GEMM kernels with fused requantization (see the module docstring)."""
 
     name = "cuda"
+    fuses_conv_add = True
 
     def __init__(self) -> None:
-        if not torch.cuda.is_available():
+        if not (torch.cuda.is_available() or _INTERPRET):
             raise RuntimeError("the 'cuda' kernel backend needs a CUDA device; use 'fbgemm' or 'reference' on CPU")
         from qat.kernels import triton_kernels
 
         self._triton = triton_kernels
-        self.device = torch.device("cuda")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def _require_device(self, *tensors: Tensor) -> None:
+        for t in tensors:
+            if t.device.type != self.device.type:
+                raise ValueError(f"the cuda kernel backend needs {self.device.type} tensors, got one on {t.device}")
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
-        return None  # plain uint8/int8 tensors: callers dequantize, apply, quantize (exact)
+        """Max-pooling on the codes: it commutes with the increasing map q -> (q - z) * s, and float16 holds every
+        8-bit code exactly. Other ops: None (callers dequantize, apply, quantize)."""
+        if isinstance(fn, _MAX_POOLS) or (not isinstance(fn, nn.Module) and fn in _MAX_POOL_FUNCTIONS):
+            return fn(t.half(), *args, **kwargs).to(t.dtype)
+        return None
 
     def to_backend(self, q: Tensor, qp: ActQParams) -> Tensor:
         return q
@@ -101,55 +151,75 @@ class CudaBackend:
         return t
 
     def quantize(self, x: Tensor, qp: ActQParams) -> Tensor:
+        if x.device.type == self.device.type and x.is_floating_point() and _is_dense(x):
+            return self._triton.quantize(x, qp)
         return _REFERENCE.quantize(x, qp)
 
     def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor:
+        if t.device.type == self.device.type and _is_dense(t):
+            return self._triton.dequantize(t, qp)
         return _REFERENCE.dequantize(t, qp)
 
     def _on_device(self, weight: Int8Weight, bias: Tensor | None) -> tuple[Int8Weight, Tensor | None]:
         moved = Int8Weight(q=weight.q.to(self.device), scale=weight.scale.to(self.device))
         return moved, None if bias is None else bias.to(self.device)
 
-    def _conv_gemm(self, x: Tensor, x_qp: ActQParams, packed: Packed, kernel: tuple[int, int], g: ConvGeometry,
-                   out_qp: ActQParams | None, relu: bool) -> Tensor:
-        gw = packed.native
-        return self._triton.conv_gemm(x, x_qp, gw.w, gw.c_pad, gw.block_k, gw.wsum, packed.weight.scale, packed.bias,
-                                      kernel, g.stride, g.padding, g.dilation, out_qp, relu)
-
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed:
         weight, bias = self._on_device(weight, bias)
         _REFERENCE.pack_linear(weight, bias)
-        k = weight.q.shape[1]
-        block_k = 128 if k >= 256 else 64 if k >= 64 else 32
-        return make_packed(weight, bias, native=pack_conv_gemm_weight(weight.q[:, :, None, None], block_k))
+        return make_packed(weight, bias, native=pack_gemm_weight(weight.q[:, :, None, None]))
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
-        _require_cuda(x)
+        self._require_device(x)
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
         gw = packed.native
-        out = self._triton.linear(rows, x_qp, gw.w, gw.block_k, gw.wsum, packed.weight.scale, packed.bias, out_qp,
-                                  relu)  # [M, N]
+        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu)  # [M, N]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         weight, bias = self._on_device(weight, bias)
         _REFERENCE.pack_conv2d(weight, bias, geometry)
-        if geometry.groups != 1:
-            return make_packed(weight, bias, geometry)
-        return make_packed(weight, bias, geometry, pack_conv_gemm_weight(weight.q))
+        native = pack_gemm_weight(weight.q) if geometry.groups == 1 else pack_grouped_weight(weight.q, geometry.groups)
+        return make_packed(weight, bias, geometry, native)
 
     def conv2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
-        _require_cuda(x)
-        if packed.native is None:
-            return _REFERENCE.conv2d(x, x_qp, packed, out_qp, relu)
-        g, (kh, kw) = packed.geometry, packed.weight.q.shape[2:]
-        out = self._conv_gemm(x, x_qp, packed, (kh, kw), g, out_qp, relu)  # [N*Ho*Wo, out]
-        ho = (x.shape[2] + 2 * g.padding[0] - g.dilation[0] * (kh - 1) - 1) // g.stride[0] + 1
-        wo = (x.shape[3] + 2 * g.padding[1] - g.dilation[1] * (kw - 1) - 1) // g.stride[1] + 1
-        return out.view(x.shape[0], ho, wo, -1).permute(0, 3, 1, 2)  # NCHW view of channels_last memory
+        self._require_device(x)
+        return self._conv(x, x_qp, packed, out_qp, relu, None)
+
+    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
+        """``add(conv2d(x) on conv_qp, other)`` on out_qp, the add in the conv's epilogue (groups=1, same shapes)."""
+        self._require_device(x, other)
+        if isinstance(packed.native, GroupedWeight) or other.shape != self._conv_output_shape(x, packed):
+            return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+        rows = _nhwc_rows(other)
+        rows = _nhwc_rows(other.contiguous(memory_format=torch.channels_last)) if rows is None else rows
+        residual = self._triton.Residual(rows, other_qp, conv_qp, conv_relu)  # rows: [B*Ho*Wo, N]
+        return self._conv(x, x_qp, packed, out_qp, relu, residual)
+
+    @staticmethod
+    def _conv_output_shape(x: Tensor, packed: Packed) -> tuple[int, ...]:
+        size = packed.geometry.output_size(tuple(x.shape[2:]), tuple(packed.weight.q.shape[2:]))
+        return (x.shape[0], packed.weight.out_channels, *size)
+
+    def _conv(self, x: Tensor, x_qp: ActQParams, packed: Packed, out_qp: ActQParams | None, relu: bool,
+              residual) -> Tensor:
+        g, native, kernel = packed.geometry, packed.native, tuple(packed.weight.q.shape[2:])
+        batch, n, ho, wo = self._conv_output_shape(x, packed)
+        scale, bias = packed.weight.scale, packed.bias
+        x_rows = _nhwc_rows(x) if _is_pointwise(g, kernel) else None
+        if isinstance(native, GroupedWeight):
+            out = self._triton.grouped_conv(x, x_qp, native.w, native.groups, scale, bias, kernel, g.stride,
+                                            g.padding, g.dilation, out_qp, relu)
+        elif x_rows is not None:  # 1x1 stride 1 on channels_last: a plain GEMM
+            out = self._triton.linear(x_rows, x_qp, native.w, native.wsum, scale, bias, out_qp, relu, residual)
+        else:
+            out = self._triton.conv_gemm(x, x_qp, native.w, native.c_pad, native.packed_taps, native.wsum, scale,
+                                         bias, kernel, g.stride, g.padding, g.dilation, out_qp, relu, residual)
+        return out.view(batch, ho, wo, n).permute(0, 3, 1, 2)  # [B*Ho*Wo, N] -> NCHW view of channels_last memory
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         weight, bias = self._on_device(weight, bias)
@@ -157,12 +227,12 @@ class CudaBackend:
 
     def conv_transpose2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                          out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
-        _require_cuda(x)
+        self._require_device(x)
         return _REFERENCE.conv_transpose2d(x, x_qp, packed, out_qp, relu)
 
     def _binary(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: ActQParams, relu: bool,
                 is_mul: bool) -> Tensor:
-        _require_cuda(a, b)
+        self._require_device(a, b)
         if _dense_same_layout(a, b):
             return self._triton.binary(a, a_qp, b, b_qp, out_qp, relu, is_mul)
         reference_op = _REFERENCE.mul if is_mul else _REFERENCE.add
@@ -177,14 +247,14 @@ class CudaBackend:
         return self._binary(a, a_qp, b, b_qp, out_qp, relu, is_mul=True)
 
     def cat(self, tensors: Sequence[Tensor], qps: Sequence[ActQParams], dim: int, out_qp: ActQParams) -> Tensor:
-        _require_cuda(*tensors)
+        self._require_device(*tensors)
         if len(tensors) == len(qps) and all(qp == out_qp for qp in qps):
             return torch.cat(list(tensors), dim)  # requantizing to the same qparams is the identity
         return _REFERENCE.cat(tensors, qps, dim, out_qp)
 
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor:
-        _require_cuda(a, b)
+        self._require_device(a, b)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])  # [B, M, K]
         b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])  # [B, K, N]

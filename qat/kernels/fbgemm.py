@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.reference import ReferenceBackend, finish, make_packed
+from qat.kernels.reference import ReferenceBackend, conv2d_then_add, finish, make_packed
 from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -119,6 +119,7 @@ class FbgemmBackend:
     """torch quantized CPU kernels; backend tensors are quint8 tensors (see the module docstring)."""
 
     name = "fbgemm"
+    fuses_conv_add = False
 
     def __init__(self) -> None:
         self.engine = select_engine()
@@ -188,6 +189,10 @@ class FbgemmBackend:
             return finish(y, None, relu)
         op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
         return _clamp_to_range(op(x, packed.native, out_qp.scale, _backend_zero_point(out_qp)), out_qp)
+
+    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
+        return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv_transpose2d(weight, bias, geometry)

@@ -79,6 +79,13 @@ def make_packed(weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry 
     return Packed(weight=weight, bias=bias, geometry=geometry, native=native)
 
 
+def conv2d_then_add(backend, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                    other_qp: ActQParams, out_qp: ActQParams, relu: bool, conv_relu: bool) -> Tensor:
+    """The unfused graph that ``conv2d_add`` stands for: conv requantized to conv_qp, then add requantized to out_qp."""
+    y = backend.conv2d(x, x_qp, packed, conv_qp, conv_relu)
+    return backend.add(y, conv_qp, other, other_qp, out_qp, relu)
+
+
 def _check_out_channels(weight: Int8Weight, expected: int) -> None:
     if weight.out_channels != expected:
         raise ValueError(f"weight has {weight.out_channels} scales but {expected} output channels")
@@ -93,6 +100,7 @@ class ReferenceBackend:
     """Ground-truth backend: plain int tensors in and out, float64-exact accumulation, any device."""
 
     name = "reference"
+    fuses_conv_add = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
         return None  # plain uint8/int8 tensors: callers dequantize, apply, quantize (exact)
@@ -130,6 +138,10 @@ class ReferenceBackend:
             acc = F.conv2d(_shifted(x, x_qp), packed.weight.q.double(), None, g.stride, g.padding, g.dilation, g.groups)
         y = scale_accumulator(acc, output_multiplier(x_qp, packed.weight), packed.bias, channel_dim=1)
         return finish(y, out_qp, relu)
+
+    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
+        return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         _check_out_channels(weight, weight.q.shape[1] * geometry.groups)

@@ -1,24 +1,82 @@
-"""Triton kernels of the cuda backend: int8 Linear, implicit-GEMM conv, elementwise add/mul, batched matmul.
+"""Triton kernels of the cuda backend: int8 GEMM (Linear, 1x1 conv), implicit-GEMM conv, direct grouped conv,
+elementwise quantize / dequantize / add / mul, batched matmul.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
 Every kernel ends with the project's requantization (float ops rounded one by one, no FMA),
 ``clamp(round(y * inv_scale) + z, lo, hi)`` with rounding half to even like ``torch.round``; when the
 output pointer is float32 the kernel stores ``y`` instead (after a ReLU when asked).
+
+The GEMM and conv kernels are autotuned per problem shape over ``TILES`` (int8 tensor-core tiles: K steps
+of 32 or more); weights are packed once, independent of the tile (``pack_gemm_weight``). Under the
+interpreter or with ``QAT_TRITON_AUTOTUNE=0`` only the last tile runs; ``config=`` forces one tile (tests).
+A fused epilogue can add a residual: the conv result is requantized to its own grid (as the unfused graph
+does), dequantized, added to the dequantized residual and requantized to the add's grid.
 """
 from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from qat.kernels.types import ActQParams
+from qat.kernels.types import ActQParams, conv_output_size
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
+_GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
 # Round every float product and sum separately, as torch's eager ops and the reference do: a fused
 # multiply-add would move near-ties of the requantization by one LSB.
 _NO_FMA = {"enable_fp_fusion": False}
+K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One autotune candidate: output tile BM x BN, K step BK, warps and pipeline stages."""
+
+    bm: int
+    bn: int
+    bk: int
+    warps: int
+    stages: int
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BM": self.bm, "BN": self.bn, "BK": self.bk, "GROUP_M": 8}, num_warps=self.warps,
+                             num_stages=self.stages)
+
+
+# Hopper int8 wgmma wants K steps of 32; shared memory per stage is (BM + BN) * BK bytes (<= 49 KB here).
+TILES = (Tile(128, 256, 64, 8, 3), Tile(128, 128, 128, 8, 3), Tile(128, 128, 64, 8, 4), Tile(128, 64, 64, 4, 4),
+         Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4), Tile(64, 64, 32, 4, 4))
+# One tile, valid for every shape (BK = 32), without benchmarking: under the interpreter (no GPU timer) and
+# where QAT_TRITON_AUTOTUNE=0 (the tests: correctness only, far fewer compilations).
+AUTOTUNE = not INTERPRET and os.environ.get("QAT_TRITON_AUTOTUNE", "1") != "0"
+_TUNED_TILES = TILES if AUTOTUNE else TILES[-1:]
+
+
+def _bench(fn, quantiles=None, **_):
+    """Shorter than Triton's default (25 ms warm-up, 100 ms): enough repeats for 0.01-1 ms kernels."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles whose BK divides the per-tap channel padding (tap-major conv); only BM = 64 tiles for small M."""
+    args = {**named_args, **kwargs}
+    tap_major = "C_PAD" in args and not args["PACKED"]  # one K step must not straddle two taps
+    kept = [c for c in configs if not tap_major or args["C_PAD"] % c.kwargs["BK"] == 0]
+    small = [c for c in kept if c.kwargs["BM"] == 64]
+    return small if args["M"] <= 64 and small else kept
+
+
+def _autotune(key):
+    timing = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {"warmup": 5, "rep": 20}
+    return triton.autotune([t.config() for t in _TUNED_TILES], key=key, prune_configs_by={"early_config_prune": _prune},
+                           **timing)
 
 
 @triton.jit
@@ -31,15 +89,203 @@ def _round_half_even(x):
 
 
 @triton.jit
+def _requantize(y, inv_scale, zero_point, lo, hi):
+    q = _round_half_even(y * inv_scale) + zero_point
+    return tl.minimum(tl.maximum(q, lo), hi)
+
+
+@triton.jit
 def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr):
     if OUT_FLOAT:
         if RELU:
             y = tl.maximum(y, 0.0)
         tl.store(out_ptrs, y, mask=mask)
     else:
-        q = _round_half_even(y * inv_scale) + zero_point
-        q = tl.minimum(tl.maximum(q, lo), hi)
+        q = _requantize(y, inv_scale, zero_point, lo, hi)
         tl.store(out_ptrs, q.to(tl.int32).to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS: tl.constexpr,
+              OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored.
+
+    Output (and residual) rows are dense: element (m, n) at ``m * N + n``.
+    """
+    n_mask = rn < N
+    mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
+    y = acc.to(tl.float32) * mult[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    mask = (rm[:, None] < M) & n_mask[None, :]
+    offs = rm[:, None] * N + rn[None, :]
+    if HAS_RESIDUAL:  # the unfused graph: conv -> requantize -> dequantize + dequantize(residual) -> requantize
+        mid = _requantize(y, mid_inv_scale, mid_zero, mid_lo, mid_hi)
+        other = tl.load(res_ptr + offs, mask=mask, other=0).to(tl.float32)
+        y = (mid - mid_zero) * mid_scale + (other - res_zero) * res_scale
+    _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+
+
+@triton.jit
+def _signed(x, UNSIGNED: tl.constexpr):
+    """uint8 ``u`` -> int8 ``u - 128``; int8 unchanged."""
+    return (x.to(tl.int32) - 128 * UNSIGNED).to(tl.int8)
+
+
+@triton.jit
+def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) with GROUP_M row tiles swept per column tile, so neighbouring programs share inputs."""
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows_in_group, (pid % width) // rows_in_group
+
+
+@_autotune(key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, sxm, K_PAD,
+                 x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale,
+                 res_zero, res_scale, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K)."""
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    a_ptrs = x_ptr + (rm % M)[:, None] * sxm + rk[None, :]  # rows past M repeat real rows: no load mask
+    b_ptrs = w_ptr + (rn % N)[None, :] * K_PAD + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_in = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=k_in[None, :], other=0)  # meets zero weights
+            b = tl.load(b_ptrs, mask=k_in[:, None], other=0)
+        acc = tl.dot(_signed(a, X_UNSIGNED), b, acc, out_dtype=tl.int32)
+        a_ptrs += BK
+        b_ptrs += BK
+    acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
+    _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
+
+
+@_autotune(key=["M", "N", "C", "K_LOOP"])
+@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BK"] == 0})
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, C, H, W, HO, WO,
+                 sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW, C_PAD, K_LOOP, K_PAD, x_zero, x_offset, x_scale,
+                 inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale,
+                 KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, X_UNSIGNED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 EVEN_C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n.
+
+    Tap-major (``PACKED`` false): K = (kh, kw, c) with each tap's channels padded to ``C_PAD`` (a multiple of
+    BK), so one K step reads one tap: a row offset and a row mask per step. Packed (few channels, e.g. the RGB
+    stem): K = (kh, kw, c) without padding, the tap of every K column computed on the fly. Either way ``w`` is
+    ``[N, K_PAD]`` K-major and ``K_LOOP`` the K extent walked. Taps outside the image read the zero point, so
+    ``signed(x) + x_offset == 0`` there, like zero padding.
+    """
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m = rm % M  # rows past M repeat real rows
+    wo = m % WO
+    ho = (m // WO) % HO
+    h0 = ho * SH - PH
+    w0 = wo * SW - PW
+    row_base = (m // (WO * HO)) * sxn + h0 * sxh + w0 * sxw
+    b_ptrs = w_ptr + (rn % N)[None, :] * K_PAD + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for k0 in range(0, K_LOOP, BK):
+        if PACKED:
+            k = k0 + rk
+            tap = k // C
+            kh = tap // KW
+            kw = tap % KW
+            hi_ = h0[:, None] + (kh * DH)[None, :]
+            wi_ = w0[:, None] + (kw * DW)[None, :]
+            inside = (hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W) & (k < K_LOOP)[None, :]
+            a_ptrs = x_ptr + row_base[:, None] + (kh * DH * sxh + kw * DW * sxw + (k % C) * sxc)[None, :]
+            b = tl.load(b_ptrs, mask=(k < K_LOOP)[:, None], other=0)
+        else:
+            tap = k0 // C_PAD
+            kh = tap // KW
+            kw = tap % KW
+            c = k0 % C_PAD + rk
+            hi_ = h0 + kh * DH
+            wi_ = w0 + kw * DW
+            inside = ((hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W))[:, None]
+            if not EVEN_C:
+                inside = inside & (c < C)[None, :]
+            a_ptrs = x_ptr + (row_base + kh * DH * sxh + kw * DW * sxw)[:, None] + c[None, :] * sxc
+            b = tl.load(b_ptrs)
+        a = tl.load(a_ptrs, mask=inside, other=x_zero)
+        acc = tl.dot(_signed(a, X_UNSIGNED), b, acc, out_dtype=tl.int32)
+        b_ptrs += BK
+    acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
+    _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
+
+
+@triton.jit
+def _grouped_conv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, H, W, HO, WO, sxn, sxc, sxh, sxw,
+                         SH, SW, PH, PW, DH, DW, CG, NG, x_zero, x_scale, inv_scale, zero_point, lo, hi,
+                         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                         RELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Direct grouped / depthwise conv in int32 on CUDA cores: out[m, n] = sum_{tap, ci} (x - z) w.
+
+    Output channel n belongs to group n // NG and reads input channels (n // NG) * CG + ci; ``w`` is
+    ``[KH*KW*CG, N]`` (row (kh*KW + kw)*CG + ci), so a row is one vector over the tile's output channels.
+    """
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    m = rm % M
+    n = rn % N
+    wo = m % WO
+    ho = (m // WO) % HO
+    h0 = ho * SH - PH
+    w0 = wo * SW - PW
+    img_base = (m // (WO * HO)) * sxn
+    c_first = (n // NG) * CG
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for tap in tl.static_range(KH * KW):
+        hi_ = h0 + (tap // KW) * DH
+        wi_ = w0 + (tap % KW) * DW
+        inside = ((hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W))[:, None]
+        row_ptrs = x_ptr + (img_base + hi_ * sxh + wi_ * sxw)[:, None]
+        for ci in range(CG):
+            x = tl.load(row_ptrs + ((c_first + ci) * sxc)[None, :], mask=inside, other=x_zero)
+            w = tl.load(w_ptr + (tap * CG + ci) * N + n)
+            acc += (x.to(tl.int32) - x_zero) * w.to(tl.int32)[None, :]
+    _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, out_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
+              1.0, 0, 0, 0, 1.0, 0, 1.0, HAS_BIAS, OUT_FLOAT, RELU, False)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, out_ptr, n, inv_scale, zero_point, lo, hi, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store_output(out_ptr + offs, x, mask, inv_scale, zero_point, lo, hi, False, False)
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, out_ptr, n, scale, zero_point, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    q = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.float32)
+    tl.store(out_ptr + offs, (q - zero_point) * scale, mask=mask)
 
 
 @triton.jit
@@ -51,12 +297,6 @@ def _binary_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zero, b_scale, b_zero, i
     b = (tl.load(b_ptr + offs, mask=mask, other=0).to(tl.float32) - b_zero) * b_scale
     y = a * b if IS_MUL else a + b
     _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, False, False)
-
-
-@triton.jit
-def _signed(x, UNSIGNED: tl.constexpr):
-    """uint8 ``u`` -> int8 ``u - 128``; int8 unchanged."""
-    return (x.to(tl.int32) - 128 * UNSIGNED).to(tl.int8)
 
 
 @triton.jit
@@ -89,90 +329,6 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, so
     _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
 
 
-@triton.jit
-def _conv_gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, C, H, W, HO, WO,
-                      sxn, sxc, sxh, sxw, x_zero, x_offset, x_scale, inv_scale, zero_point, lo, hi,
-                      KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr,
-                      PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr, C_PAD: tl.constexpr,
-                      X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n, K = (kh, kw, c).
-
-    ``w`` is ``[N, KH*KW*C_PAD]`` (column ``(kh*KW + kw)*C_PAD + c``, zero for ``c >= C``; K-major B is
-    what makes Triton's int8 tl.dot fast on Hopper). Input taps outside
-    the image read the zero point, so ``signed(x) + x_offset == 0`` there, like zero padding.
-    """
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_group
-    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_group
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    wo = rm % WO
-    ho = (rm // WO) % HO
-    img = rm // (WO * HO)
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, KH * KW * C_PAD, BK):
-        tap = k0 // C_PAD
-        c = (k0 % C_PAD) + rk
-        hi_ = ho * SH - PH + (tap // KW) * DH
-        wi_ = wo * SW - PW + (tap % KW) * DW
-        inside = (rm < M) & (hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W)
-        a_ptrs = x_ptr + (img * sxn + hi_ * sxh + wi_ * sxw)[:, None] + c[None, :] * sxc
-        a = tl.load(a_ptrs, mask=inside[:, None] & (c[None, :] < C), other=x_zero)
-        b = tl.load(w_ptr + rn[None, :] * (KH * KW * C_PAD) + (k0 + rk)[:, None], mask=rn[None, :] < N, other=0)
-        acc += tl.dot(_signed(a, X_UNSIGNED), b, out_dtype=tl.int32)
-    n_mask = rn < N
-    acc += x_offset * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
-    mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
-    y = acc.to(tl.float32) * mult[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    mask = (rm[:, None] < M) & n_mask[None, :]
-    _store_output(out_ptr + rm[:, None] * N + rn[None, :], y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
-
-
-@triton.jit
-def _linear_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, sxm, x_offset, x_scale,
-                   inv_scale, zero_point, lo, hi, K_PAD: tl.constexpr, X_UNSIGNED: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, EVEN_K: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[m, n] of x [M, K] (rows ``sxm`` apart) times ``w`` [N, K_PAD] (K-major, zero past K)."""
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    rows_in_group = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % rows_in_group
-    pid_n = (pid % (GROUP_M * grid_n)) // rows_in_group
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    a_ptrs = x_ptr + (rm % M)[:, None] * sxm + rk[None, :]  # rows past M repeat real rows: no load mask
-    b_ptrs = w_ptr + (rn % N)[None, :] * K_PAD + rk[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0)  # meets zero weights
-        acc += tl.dot(_signed(a, X_UNSIGNED), tl.load(b_ptrs), out_dtype=tl.int32)
-        a_ptrs += BK
-        b_ptrs += BK
-    n_mask = rn < N
-    acc += x_offset * tl.load(wsum_ptr + rn, mask=n_mask, other=0)[None, :]
-    mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
-    y = acc.to(tl.float32) * mult[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0)[None, :]
-    mask = (rm[:, None] < M) & n_mask[None, :]
-    _store_output(out_ptr + rm[:, None] * N + rn[None, :], y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
-
-
 def signed_offset(qp: ActQParams) -> int:
     """``o`` such that ``q - z == signed(q) + o`` (signed(q) = q - 128 for uint8, q for int8)."""
     return 128 - qp.zero_point if qp.dtype == torch.uint8 else -qp.zero_point
@@ -184,6 +340,126 @@ def _requant_args(out_qp: ActQParams | None, relu: bool) -> tuple[float, int, in
     return out_qp.inv_scale, out_qp.zero_point, out_qp.relu_floor if relu else out_qp.qmin, out_qp.qmax
 
 
+@dataclass(frozen=True, eq=False)
+class Residual:
+    """A residual added in the epilogue: ``rows`` [M, N] (dense, on ``qp``) plus the grid ``mid_qp`` (with
+    its ReLU floor when ``mid_relu``) that the unfused conv output would have been requantized to."""
+
+    rows: Tensor
+    qp: ActQParams
+    mid_qp: ActQParams
+    mid_relu: bool
+
+    def args(self) -> tuple:
+        mid = self.mid_qp
+        return (mid.inv_scale, mid.zero_point, mid.relu_floor if self.mid_relu else mid.qmin, mid.qmax, mid.scale,
+                self.qp.zero_point, self.qp.scale)
+
+
+_NO_RESIDUAL_ARGS = (1.0, 0, 0, 0, 1.0, 0, 1.0)
+
+
+def _epilogue_args(out_qp: ActQParams | None, relu: bool, residual: Residual | None) -> tuple[tuple, dict]:
+    """Positional scalars (requantization, residual) and constexpr flags shared by the GEMM and conv kernels."""
+    if residual is not None and out_qp is None:
+        raise ValueError("a fused residual needs a quantized output")
+    scalars = _requant_args(out_qp, relu) + (_NO_RESIDUAL_ARGS if residual is None else residual.args())
+    flags = {"OUT_FLOAT": out_qp is None, "RELU": relu and out_qp is None, "HAS_RESIDUAL": residual is not None}
+    return scalars, flags  # a quantized output applies ReLU through its clamp floor: one compiled variant
+
+
+def _launch(kernel, grid, args: tuple, constexprs: dict, config: Tile | None) -> None:
+    """Autotuned launch, or one forced tile (``config``) through the kernel under the autotuner."""
+    if config is None:
+        kernel[grid](*args, **constexprs, **_NO_FMA)
+        return
+    inner = kernel.fn  # the heuristics wrapper: it still derives EVEN_K / EVEN_C from BK
+    meta = {"BM": config.bm, "BN": config.bn, "BK": config.bk, "GROUP_M": 8}
+    inner[grid](*args, **constexprs, **meta, num_warps=config.warps, num_stages=config.stages, **_NO_FMA)
+
+
+def _out(m: int, n: int, out_qp: ActQParams | None, device) -> Tensor:
+    return torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=device)
+
+
+def _tiles_grid(m: int, n: int):
+    return lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),)
+
+
+def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
+           out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
+           config: Tile | None = None) -> Tensor:
+    """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K)."""
+    m, k = x.shape
+    n, k_pad = w.shape
+    out = _out(m, n, out_qp, x.device)
+    scalars, flags = _epilogue_args(out_qp, relu, residual)
+    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
+            m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars)
+    _launch(_gemm_kernel, _tiles_grid(m, n), args,
+            dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags), config)
+    return out
+
+
+def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, packed_taps: bool, wsum: Tensor, w_scale: Tensor,
+              bias: Tensor | None, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              dilation: tuple[int, int], out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
+              config: Tile | None = None) -> Tensor:
+    """Implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any strides): ``[B*Ho*Wo, N]`` (NHWC rows).
+
+    ``w`` is ``[N, K_pad]``: tap-major with ``c_pad`` channels per tap, or ``packed_taps`` (see ``_conv_kernel``).
+    """
+    batch, c, h, wd = x.shape
+    (kh, kw), (ho, wo) = kernel, conv_output_size((h, wd), kernel, stride, padding, dilation)
+    m, n = batch * ho * wo, w.shape[0]
+    k_loop = kh * kw * c if packed_taps else kh * kw * c_pad
+    out = _out(m, n, out_qp, x.device)
+    scalars, flags = _epilogue_args(out_qp, relu, residual)
+    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
+            m, n, c, h, wd, ho, wo, *x.stride(), *stride, *padding, *dilation, c_pad, k_loop, w.shape[1],
+            x_qp.zero_point, signed_offset(x_qp), x_qp.scale, *scalars)
+    _launch(_conv_kernel, _tiles_grid(m, n), args,
+            dict(KH=kh, KW=kw, PACKED=packed_taps, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
+                 **flags), config)
+    return out
+
+
+def grouped_conv(x: Tensor, x_qp: ActQParams, w: Tensor, groups: int, w_scale: Tensor, bias: Tensor | None,
+                 kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                 dilation: tuple[int, int], out_qp: ActQParams | None, relu: bool) -> Tensor:
+    """Direct grouped conv of ``x`` [B, C, H, W] (any strides) with ``w`` [kh*kw*C/groups, N]: ``[B*Ho*Wo, N]``."""
+    batch, c, h, wd = x.shape
+    (kh, kw), (ho, wo) = kernel, conv_output_size((h, wd), kernel, stride, padding, dilation)
+    m, n = batch * ho * wo, w.shape[1]
+    out = _out(m, n, out_qp, x.device)
+    bm, bn, warps = _GROUPED_BLOCK
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _grouped_conv_kernel[grid](
+        x, w, w_scale, w_scale if bias is None else bias, out, m, n, h, wd, ho, wo, *x.stride(), *stride, *padding,
+        *dilation, c // groups, n // groups, x_qp.zero_point, x_qp.scale, *_requant_args(out_qp, relu), KH=kh, KW=kw,
+        HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, RELU=relu and out_qp is None, BM=bm, BN=bn,
+        num_warps=warps, **_NO_FMA)
+    return out
+
+
+def quantize(x: Tensor, qp: ActQParams) -> Tensor:
+    """Elementwise quantization of a dense float tensor (its memory layout kept)."""
+    out = torch.empty_like(x, dtype=qp.dtype)
+    n = x.numel()
+    _quantize_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](x, out, n, *_requant_args(qp, False),
+                                                           BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+    return out
+
+
+def dequantize(q: Tensor, qp: ActQParams) -> Tensor:
+    """``(q - z) * scale`` in float32 of a dense tensor (its memory layout kept)."""
+    out = torch.empty_like(q, dtype=torch.float32)
+    n = q.numel()
+    _dequantize_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](q, out, n, qp.scale, qp.zero_point,
+                                                             BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+    return out
+
+
 def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: ActQParams, relu: bool,
            is_mul: bool) -> Tensor:
     """Fused dequantize-add/mul-requantize of two tensors with the same shape and the same dense layout."""
@@ -192,54 +468,6 @@ def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: Act
     _binary_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
         a, b, out, n, a_qp.scale, a_qp.zero_point, b_qp.scale, b_qp.zero_point, *_requant_args(out_qp, relu),
         IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
-    return out
-
-
-def gemm_config(m: int, n: int) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) of the conv GEMM for an ``m x n`` output."""
-    bm = 128 if m >= 65536 or (m >= 4096 and n >= 256) else 64
-    bn = 128 if n >= 128 else 64
-    return bm, bn, 8 if bm * bn >= 128 * 128 else 4, 4  # picked on an H100 from ResNet-50 shapes at batch 32
-
-
-def linear(x: Tensor, x_qp: ActQParams, w: Tensor, block_k: int, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
-           out_qp: ActQParams | None, relu: bool, config: tuple[int, int, int, int] | None = None) -> Tensor:
-    """``[M, N]`` int8 Linear of ``x`` [M, K] (unit column stride); ``w`` is [N, K_pad], K_pad % block_k == 0."""
-    m, k = x.shape
-    n, k_pad = w.shape
-    out = torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=x.device)
-    bm, bn, warps, stages = config or (128 if m >= 1024 else 64, 128 if n >= 128 else 64, 4, 4)  # H100 sweep
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _linear_kernel[grid](x, w, wsum, w_scale, w_scale if bias is None else bias, out, m, n, k, x.stride(0),
-                         signed_offset(x_qp), x_qp.scale, *_requant_args(out_qp, relu), K_PAD=k_pad,
-                         X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None,
-                         RELU=relu, EVEN_K=k % block_k == 0, BM=bm, BN=bn, BK=block_k, GROUP_M=8,
-                         num_warps=warps, num_stages=stages, **_NO_FMA)
-    return out
-
-
-def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, block_k: int, wsum: Tensor, w_scale: Tensor,
-              bias: Tensor | None, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
-              dilation: tuple[int, int], out_qp: ActQParams | None, relu: bool,
-              config: tuple[int, int, int, int] | None = None) -> Tensor:
-    """Implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any memory format): ``[B*Ho*Wo, N]`` (NHWC rows).
-
-    ``w`` is the ``[N, kh*kw*c_pad]`` weight of ``_conv_gemm_kernel``; a Linear is the 1x1 conv of [M, K, 1, 1].
-    """
-    batch, c, h, wd = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    m, n = batch * ho * wo, w.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=x.device)
-    bm, bn, warps, stages = config or gemm_config(m, n)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    sxn, sxc, sxh, sxw = x.stride()
-    _conv_gemm_kernel[grid](
-        x, w, wsum, w_scale, w_scale if bias is None else bias, out, m, n, c, h, wd, ho, wo, sxn, sxc, sxh, sxw,
-        x_qp.zero_point, signed_offset(x_qp), x_qp.scale, *_requant_args(out_qp, relu), KH=kh, KW=kw, SH=sh, SW=sw,
-        PH=ph, PW=pw, DH=dh, DW=dw, C_PAD=c_pad, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
-        OUT_FLOAT=out_qp is None, RELU=relu, BM=bm, BN=bn, BK=block_k, GROUP_M=8, num_warps=warps,
-        num_stages=stages, **_NO_FMA)
     return out
 
 

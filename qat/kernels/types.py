@@ -92,6 +92,16 @@ class ConvGeometry:
         if self.groups < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"invalid conv geometry {self}")
 
+    def output_size(self, size: tuple[int, int], kernel: tuple[int, int]) -> tuple[int, int]:
+        """(Ho, Wo) of a (non-transposed) conv over an input of ``size`` (H, W)."""
+        return conv_output_size(size, kernel, self.stride, self.padding, self.dilation)
+
+
+def conv_output_size(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int]) -> tuple[int, ...]:
+    """Output extent per spatial dim of a conv: ``(size + 2 p - d (k - 1) - 1) // stride + 1``."""
+    return tuple((s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(size, kernel, stride, padding, dilation))
+
 
 @dataclass(frozen=True, eq=False)
 class Int8Weight:
@@ -161,6 +171,15 @@ class KernelBackend(Protocol):
 
     def conv_transpose2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                          out_qp: ActQParams | None = None, relu: bool = False) -> Tensor: ...
+
+    fuses_conv_add: bool
+    """Class attribute: True when ``conv2d_add`` is one fused kernel (lowering then fuses residual adds)."""
+
+    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
+        """``add(conv2d(x, x_qp, packed, conv_qp, conv_relu), conv_qp, other, other_qp, out_qp, relu)``: what
+        the unfused graph computes (``reference.conv2d_then_add``), fused where ``fuses_conv_add``."""
+        ...
 
     def add(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
             out_qp: ActQParams, relu: bool = False) -> Tensor: ...

@@ -1,11 +1,15 @@
 """Int8 conversion: every backend against the reference kernels, int8 against fake-quant, errors."""
 import pytest
 import torch
-
-from qat.int8 import ConversionError, compare, convert, layer_agreement
 from torch import fx
+
+import qat
 from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare
+from qat.int8 import ConversionError, compare, convert, layer_agreement
+from qat.int8.lower import lower
+from qat.int8.modules import Int8Binary, Int8Conv2dAdd
+from qat.kernels import BACKENDS as KERNEL_BACKENDS
 from qat.kernels import get_backend
 from qat.models.cifar_resnet import load_cifar_resnet
 from qat.models.registry import MODELS, build_model
@@ -76,7 +80,8 @@ def _reference_values(int8, x):
 
 
 def _assert_backend_matches_reference(prepared, x, backend, device):
-    reference = convert(prepared, "reference")
+    # the same graph (fused conv + add where the backend fuses them) computed by the reference kernels
+    reference = lower(prepared, "reference", fuse_conv_add=KERNEL_BACKENDS[backend].fuses_conv_add)
     ref_values = _reference_values(reference, x)
     fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
     prepared.cpu()
@@ -99,6 +104,23 @@ def test_backend_matches_reference_on_resnet20(resnet20, backend):
 def test_backend_matches_reference_on_registry_models(name, backend):
     prepared, batches = _synthetic(name)
     _assert_backend_matches_reference(prepared, batches[0][0], backend, "cuda" if backend == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+def test_fused_conv_add_computes_the_unfused_graph(backend, tmp_path):
+    """Every basic block's conv2 + residual add (+ReLU) becomes one Int8Conv2dAdd; outputs stay bit-identical,
+    also after an artifact round trip."""
+    prepared, batches = _synthetic("resnet18")
+    x = batches[0][0]
+    fused, unfused = lower(prepared, backend, fuse_conv_add=True), lower(prepared, backend, fuse_conv_add=False)
+    fused_layers = [m for m in fused.modules() if isinstance(m, Int8Conv2dAdd)]
+    assert len(fused_layers) == 8 and all(m.relu and m.out_qp is not None for m in fused_layers)
+    assert not [m for m in fused.modules() if isinstance(m, Int8Binary)]
+    with torch.no_grad():
+        assert torch.equal(fused(x), unfused(x))
+        qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
+        assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend)(x), unfused(x))
+    assert not any(isinstance(m, Int8Conv2dAdd) for m in convert(prepared, backend).modules())  # declined
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])

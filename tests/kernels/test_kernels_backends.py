@@ -36,6 +36,11 @@ CONV_CASES = [
     (1, 12, 10, 10, 18, 3, 1, 1, 1, 3, False),  # groups
     (2, 16, 10, 10, 16, 3, 2, 1, 1, 16, True),  # depthwise
     (1, 5, 8, 8, 7, 5, 1, 2, 1, 1, False),  # 5x5, odd channels
+    (1, 40, 7, 7, 20, 3, 2, 1, 1, 1, True),  # tap-major, channels padded per tap (40 -> 64)
+    (2, 64, 6, 5, 72, 3, 1, 1, 1, 1, True),  # tap-major, channels a multiple of every K step
+    (1, 24, 5, 5, 10, 1, 1, 0, 1, 1, False),  # 1x1 stride 1 on NCHW input: the conv kernel, not the GEMM
+    (1, 8, 9, 9, 12, 3, 1, 1, 1, 4, True),  # groups with 3 outputs per group
+    (1, 6, 9, 9, 6, 5, 1, 4, 2, 6, False),  # depthwise 5x5, dilation 2, NCHW
 ]
 
 # (N, C, H, W, out, kernel, stride, padding, output_padding, groups, per-channel)
@@ -223,3 +228,53 @@ def test_fbgemm_depthwise_full_range_inputs_do_not_saturate():
     expected = ref.conv2d(x, x_qp, ref.pack_conv2d(weight, None, geometry), out_qp)
     got = fb.from_backend(fb.conv2d(fb.to_backend(x, x_qp), x_qp, fb.pack_conv2d(weight, None, geometry), out_qp), out_qp)
     assert (expected.int() - got.int()).abs().max().item() <= 1
+
+
+# (N, C, H, W, out, kernel, stride, padding, groups, other channels_last)
+CONV_ADD_CASES = [
+    (2, 16, 6, 6, 24, 1, 1, 0, 1, True),  # 1x1 bottleneck expansion: the GEMM path
+    (1, 40, 7, 7, 36, 3, 1, 1, 1, True),  # 3x3: the implicit-GEMM path
+    (1, 3, 9, 9, 8, 3, 2, 1, 1, False),  # packed taps, residual in NCHW memory
+    (1, 8, 6, 6, 8, 3, 1, 1, 8, True),  # depthwise: composed, not fused
+]
+
+
+@pytest.mark.parametrize("relus", [(False, False), (False, True), (True, True)], ids=["plain", "relu", "both"])
+@pytest.mark.parametrize("case", CONV_ADD_CASES, ids=lambda c: "x".join(map(str, c[:9])))
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_conv2d_add_matches_unfused_graph(backend_name, case, relus):
+    """conv2d_add == conv2d requantized to conv_qp, then add requantized to out_qp (the reference's composition)."""
+    n, c, h, w, k, kernel, stride, padding, groups, other_channels_last = case
+    conv_relu, relu = relus
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation((n, c, h, w), x_qp).contiguous(memory_format=torch.channels_last)
+    weight, bias = random_weight((k, c // groups, kernel, kernel)), torch.randn(k)
+    packed_ref = REF.pack_conv2d(weight, bias, ConvGeometry(stride=stride, padding=padding, groups=groups))
+    y = REF.conv2d(x, x_qp, packed_ref)
+    conv_qp = fitted_qparams(y)
+    other_qp = activation_qparams(False, activation_qmax(backend_name), scale=0.03)
+    other = random_activation(y.shape, other_qp)
+    if other_channels_last:
+        other = other.contiguous(memory_format=torch.channels_last)
+    out_qp = fitted_qparams(REF.dequantize(REF.conv2d(x, x_qp, packed_ref, conv_qp), conv_qp) * 2, signed=False)
+    expected = REF.conv2d_add(x, x_qp, packed_ref, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+    packed = on.backend.pack_conv2d(weight, bias, packed_ref.geometry)
+    got = on.backend.conv2d_add(on.act(x, x_qp), x_qp, packed, conv_qp, on.act(other, other_qp), other_qp, out_qp,
+                                relu, conv_relu)
+    assert_quantized_agree(on.back(got, out_qp), expected)
+    if relu:
+        assert int(expected.min()) >= out_qp.zero_point
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name):
+    on = OnBackend(backend_name)
+    qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation((2, 5, 9, 9), qp).contiguous(memory_format=torch.channels_last)
+    pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+    expected = REF.quantize(pool(REF.dequantize(x, qp)), qp)
+    t = on.act(x, qp)
+    got = on.backend.grid_op(pool, t, (), {})
+    got = on.backend.quantize(pool(on.backend.dequantize(t, qp)), qp) if got is None else got
+    assert torch.equal(on.back(got, qp), expected)
