@@ -63,7 +63,7 @@ def test_state_dict_restores_per_channel_shape_without_forward():
 def test_nan_on_gpu_is_kept_in_the_range_and_reported_by_check_finite(observer):
     """On a GPU the running observers do not wait for the device each batch: NaN lands in the range and
     check_finite (run when qparams settle) names it."""
-    obs = observer(QuantSpec())
+    obs = observer(QuantSpec()).cuda()
     obs(torch.tensor([1.0, 2.0], device="cuda"))
     obs(torch.tensor([1.0, float("nan")], device="cuda"))  # no host synchronisation, no error yet
     with pytest.raises(FloatingPointError, match="non-finite"):
