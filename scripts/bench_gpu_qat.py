@@ -3,6 +3,7 @@
     python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --compile
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --profile
+    python scripts/bench_gpu_qat.py --device cpu --model resnet18 --batch 16 --threads 2 --iters 10 --warmup 3
     python scripts/bench_gpu_qat.py --device cpu --batch 2 --image-size 32 --iters 2 --warmup 1   # smoke test
 
 A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, channels_last. Rows: float
@@ -87,19 +88,25 @@ def build_ours(preset: str, observers_on: bool) -> Callable[[Setup], nn.Module]:
     return build
 
 
-VARIANTS = [
-    Variant("float fp32", build_float, autocast=False),
-    Variant("float bf16", build_float, autocast=True),
-    Variant("torch.ao QAT fp32 (x86 qconfig)", build_torch_ao, autocast=False, qat=True),
-    Variant("ours W8A8 bf16", build_ours("w8a8", observers_on=True), autocast=True, qat=True),
-    Variant("ours W4A4 LSQ bf16", build_ours("w4a4_lsq", observers_on=False), autocast=True, qat=True),
-]
-COMPILED_VARIANTS = [
-    Variant("float bf16 compiled", build_float, autocast=True, compiled=True),
-    Variant("ours W8A8 bf16 compiled", build_ours("w8a8", observers_on=True), autocast=True, compiled=True, qat=True),
-    Variant("ours W4A4 LSQ bf16 compiled", build_ours("w4a4_lsq", observers_on=False), autocast=True, compiled=True,
-            qat=True),
-]
+def variants_for(precision: str, compiled: bool) -> list[Variant]:
+    """The rows: float fp32 (and bf16), torch.ao, ours W8A8 / W4A4 LSQ at `precision`; compiled ones too."""
+    low = precision == "bf16"
+    rows = [Variant("float fp32", build_float, autocast=False)]
+    rows += [Variant("float bf16", build_float, autocast=True)] if low else []
+    rows += [
+        Variant("torch.ao QAT fp32 (x86 qconfig)", build_torch_ao, autocast=False, qat=True),
+        Variant(f"ours W8A8 {precision}", build_ours("w8a8", observers_on=True), autocast=low, qat=True),
+        Variant(f"ours W4A4 LSQ {precision}", build_ours("w4a4_lsq", observers_on=False), autocast=low, qat=True),
+    ]
+    if compiled:
+        rows += [
+            Variant(f"float {precision} compiled", build_float, autocast=low, compiled=True),
+            Variant(f"ours W8A8 {precision} compiled", build_ours("w8a8", observers_on=True), autocast=low,
+                    compiled=True, qat=True),
+            Variant(f"ours W4A4 LSQ {precision} compiled", build_ours("w4a4_lsq", observers_on=False), autocast=low,
+                    compiled=True, qat=True),
+        ]
+    return rows
 
 
 def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
@@ -169,11 +176,11 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
 
 def table(rows: list[tuple[str, float]], baseline: str, title: str) -> str:
     base = dict(rows)[baseline]
-    lines = [f"**{title}**", "", "| variant | ms/step | vs float bf16 |", "|---|---:|---:|"]
+    lines = [f"**{title}**", "", f"| variant | ms/step | vs {baseline} |", "|---|---:|---:|"]
     lines += [f"| {name} | {ms:.2f} | {ms / base:.2f}x |" for name, ms in rows]
-    if "float bf16 compiled" in dict(rows):
-        compiled_base = dict(rows)["float bf16 compiled"]
-        lines += ["", "| compiled variant | vs float bf16 compiled |", "|---|---:|"]
+    if f"{baseline} compiled" in dict(rows):
+        compiled_base = dict(rows)[f"{baseline} compiled"]
+        lines += ["", f"| compiled variant | vs {baseline} compiled |", "|---|---:|"]
         lines += [f"| {name} | {ms / compiled_base:.2f}x |" for name, ms in rows if name.endswith("compiled")]
     return "\n".join(lines)
 
@@ -191,7 +198,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")
     parser.add_argument("--reference", action="store_true", help="ours on the pure-torch fake-quant path")
     parser.add_argument("--only", default=None, help="run only variants whose name contains this")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                        help="of the float baseline and our QAT steps (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
 
     torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
@@ -199,15 +212,16 @@ def main() -> None:
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     setup = Setup(args.model, args.num_classes, x.contiguous(memory_format=torch.channels_last),
                   torch.randint(0, args.num_classes, (args.batch,), device=device))
-    variants = VARIANTS + (COMPILED_VARIANTS if args.compile else [])
+    baseline = f"float {precision}"
+    variants = variants_for(precision, args.compile)
     if args.only:
-        variants = [v for v in variants if args.only in v.name or v.name == "float bf16"]
+        variants = [v for v in variants if args.only in v.name or v.name == baseline]
     with fused_kernels(False) if args.reference else contextlib.nullcontext():
         rows = run(variants, setup, args)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     title = (f"{args.model} {args.image_size}px batch {args.batch}, {name}, torch {torch.__version__}"
              f"{', reference fake-quant path' if args.reference else ''}")
-    print("\n" + table(rows, "float bf16", title))
+    print("\n" + table(rows, baseline, title))
 
 
 if __name__ == "__main__":

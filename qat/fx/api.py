@@ -133,6 +133,9 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = Non
     if seen == 0:
         raise ValueError("calibrate() got no batches: pass a non-empty iterable of inputs")
     check_finite(model)
+    for q in quantizers(model):
+        if q.observer is not None and q.observer.has_data:
+            q.qparams()  # scales take their final shapes now, before torch.compile or DDP wraps the model
     if freeze:
         enable_observer(model, False)
     enable_fake_quant(model, True)

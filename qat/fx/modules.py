@@ -62,9 +62,10 @@ class QuantizedWeightModule(nn.Module):
         self.bn_frozen = bool(frozen)
         return self
 
-    def _bn_scale(self) -> torch.Tensor:
+    def _bn_scale(self, running_var: torch.Tensor | None = None) -> torch.Tensor:
         """gamma / sqrt(running_var + eps): the per-output-channel factor folded into the weight."""
-        std = torch.sqrt(self.bn.running_var + self.bn.eps)
+        running_var = self.bn.running_var if running_var is None else running_var
+        std = torch.sqrt(running_var + self.bn.eps)
         gamma = self.bn.weight if self.bn.weight is not None else torch.ones_like(std)
         return gamma / std
 
@@ -88,18 +89,48 @@ class QuantizedWeightModule(nn.Module):
         shape[1 if out.dim() > 2 else -1] = -1
         return per_channel.reshape(shape)  # (C,) -> broadcast over the output's channel dim
 
-    def _apply_bn(self, y_unscaled: torch.Tensor) -> torch.Tensor:
-        use_batch_stats = self.training and not self.bn_frozen
-        return F.batch_norm(
-            y_unscaled,
-            self.bn.running_mean,
-            self.bn.running_var,
-            self.bn.weight,
-            self.bn.bias,
-            training=use_batch_stats,
-            momentum=self.bn.momentum if self.bn.momentum is not None else 0.1,
-            eps=self.bn.eps,
-        )
+    def _folded_train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv/Linear + BN on batch statistics with the weight folded as it will be after conversion.
+
+        The layer computes y_scaled = layer(x, fq(w * f)) with f = gamma / sqrt(running_var + eps); the float
+        result is y = y_scaled / f (+ bias). Normalising with batch statistics is invariant to a per-channel
+        scale and shift of its input, so BN runs on y_scaled directly: no division pass over the output (nor
+        in its backward), and under bf16 autocast the output stays bf16. Only eps does not scale: BN(y) is
+        BN(y_scaled) with weight |gamma| sqrt(var_s + eps) / sqrt(var_s + eps f^2), var_s the batch variance
+        of y_scaled (read in one extra reduction pass; autograd treats it as a constant, which leaves out an
+        eps-sized term of the weight gradient). The running statistics get y's batch mean and
+        variance: y_scaled's / f and / f^2.
+        """
+        bn = self.bn
+        running_var = bn.running_var.clone()  # what the backward reads must not be the buffer updated below
+        factor = self._bn_scale(running_var)
+        y_scaled = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
+        reduce_dims = [d for d in range(y_scaled.dim()) if d != 1]
+        with torch.no_grad():
+            var_s, mean_s = torch.var_mean(y_scaled, dim=reduce_dims, correction=0)  # (C,) each, y_scaled's
+            var_s, mean_s = var_s.float(), mean_s.float()
+            var_y = var_s / factor.detach() ** 2  # y's batch variance: does not depend on gamma
+        # |gamma| sqrt(var_s + eps) / sqrt(var_s + eps f^2), written so autograd sees how it depends on f
+        gamma = torch.sqrt(running_var + bn.eps) * torch.sqrt(factor**2 * var_y + bn.eps) / torch.sqrt(var_y + bn.eps)
+        out = F.batch_norm(y_scaled, None, None, gamma, bn.bias, training=True, eps=bn.eps)
+        with torch.no_grad():
+            count = y_scaled.numel() // y_scaled.shape[1]
+            unbiased = var_s * (count / max(count - 1, 1))
+            bias = self.bias.detach() if self.bias is not None else 0.0
+            momentum = bn.momentum
+            bn.running_mean.lerp_(mean_s / factor + bias, momentum)
+            bn.running_var.lerp_(unbiased / (factor * factor), momentum)
+        return out
+
+    def _divided_train_step(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain simulation (y_scaled / f, then BN), for BN with a cumulative average (momentum None)."""
+        factor = self._bn_scale(self.bn.running_var.clone())
+        y = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
+        y = y / self._output_broadcast(factor, y)
+        if self.bias is not None:
+            y = y + self._output_broadcast(self.bias, y)
+        return F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
+                            training=True, momentum=0.1, eps=self.bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fq is not None:
@@ -109,13 +140,10 @@ class QuantizedWeightModule(nn.Module):
         elif not self.training or self.bn_frozen:
             weight, bias = self.folded_weight_and_bias()  # BN on running statistics is exactly the fold
             y = self._compute(x, self.weight_fq(weight), bias)
+        elif self.bn.momentum is not None:
+            y = self._folded_train_step(x)
         else:
-            factor = self._bn_scale()
-            y = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
-            y = y / self._output_broadcast(factor, y)
-            if self.bias is not None:
-                y = y + self._output_broadcast(self.bias, y)
-            y = self._apply_bn(y)
+            y = self._divided_train_step(x)
         if self.activation is not None:
             y = FUSED_ACTIVATIONS[self.activation][0](y)
         return y

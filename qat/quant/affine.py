@@ -71,13 +71,26 @@ def reduced_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
     return lo.float(), hi.float()  # exact: min and max are elements of x, reduced in x's own dtype
 
 
+def storage_order(x: torch.Tensor, first: int | None = None) -> tuple[int, ...]:
+    """The dims of `x` from the largest stride to the smallest (`first` kept in front): x.permute(order) is
+    a contiguous view for dense layouts such as channels_last.
+
+    >>> storage_order(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
+    (0, 2, 3, 1)
+    """
+    dims = [d for d in range(x.dim()) if d != first]
+    order = sorted(dims, key=lambda d: -x.stride(d))
+    return tuple(([first] if first is not None else []) + order)
+
+
 def _aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     g = spec.granularity
     if g is Granularity.PER_TENSOR:
-        return torch.aminmax(x)
+        return torch.aminmax(x.permute(storage_order(x)))  # a contiguous view: no copy for channels_last
     if g is Granularity.PER_CHANNEL:
-        rows = x.movedim(_channel_axis(x, spec), 0).reshape(x.shape[_channel_axis(x, spec)], -1)  # (C, rest)
-        return torch.aminmax(rows, dim=1)
+        axis = _channel_axis(x, spec)
+        channels_first = x.permute(storage_order(x, first=axis))  # a view when the channel dim is outermost
+        return torch.aminmax(channels_first.reshape(x.shape[axis], -1), dim=1)  # (C, rest)
     if g is Granularity.PER_TOKEN:
         return torch.aminmax(x, dim=-1)
     return torch.aminmax(_group_view(x, spec), dim=-1)
@@ -156,6 +169,25 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+class _PerTensorFakeQuantizeCPU(torch.autograd.Function):
+    """torch's per-tensor fake-quant kernel (one pass, keeping a bool mask) with a backward that selects the
+    gradient through the mask (torch's own multiplies by it, converting the mask to float first)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        enabled = torch.ones(1, dtype=torch.long)
+        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale, zero_point, enabled, qmin, qmax
+        )
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return torch.where(inside, grad, 0.0), None, None, None, None
+
+
 def _fused_op_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
     """torch's fused fake-quant kernels coincide with our formula for float32 per-tensor / per-channel
     (under torch.compile the plain formula is used: the compiler fuses it with its neighbours)."""
@@ -179,6 +211,8 @@ def fake_quantize(
     scale = scale.detach().float()
     zero_point = zero_point.detach().to(torch.int32)
     if use_fused and _fused_op_applies(x, spec):
+        if spec.granularity is Granularity.PER_TENSOR and x.device.type == "cpu":
+            return _PerTensorFakeQuantizeCPU.apply(x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax)
         if spec.granularity is Granularity.PER_TENSOR:
             return torch.fake_quantize_per_tensor_affine(
                 x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, triton_applies
+from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, storage_order, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
 
 
@@ -69,6 +69,43 @@ class _LSQ(torch.autograd.Function):
         return grad * inside, grad_scale, grad_zero, None, None, None
 
 
+def _flat(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    return t.permute(order).reshape(-1)  # a view when t is laid out in `order` (e.g. channels_last)
+
+
+class _LSQPerTensorCPU(torch.autograd.Function):
+    """Per-tensor LSQ/LSQ+ on the CPU in few passes: the forward is torch's fused fake-quant kernel (codes
+    round(x * (1/s)) + z, as in _LSQ; it also returns the in-range mask); the backward selects grad_x
+    through the mask and gets the scale / zero-point gradients from dot products, using
+    d x_hat / d s = x_hat / s - [inside] x / s   and   d x_hat / d z = -s [outside]."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
+        z = torch.round(torch.clamp(zero_point, qmin, qmax))
+        enabled = torch.ones(1, dtype=torch.long)
+        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            x, scale, z.to(torch.int32), enabled, qmin, qmax
+        )
+        ctx.save_for_backward(x, out, inside, scale)
+        ctx.grad_scale = grad_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, inside, scale = ctx.saved_tensors
+        grad_x = torch.where(inside, grad, 0.0)
+        order = storage_order(x)
+        flat_grad, flat_grad_x = _flat(grad, order), _flat(grad_x, order)
+        g = ctx.grad_scale
+        grad_scale = grad_zero = None
+        if ctx.needs_input_grad[1]:
+            dot = torch.dot(flat_grad, _flat(out, order)) - torch.dot(flat_grad_x, _flat(x, order))
+            grad_scale = dot * (g / scale)
+        if ctx.needs_input_grad[2]:
+            grad_zero = (flat_grad_x.sum() - flat_grad.sum()) * (g * scale)
+        return grad_x, grad_scale, grad_zero, None, None, None
+
+
 def lsq_fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -90,6 +127,9 @@ def lsq_fake_quantize(
     if zero_point is None:
         zero_point = torch.full_like(scale, float(spec.fixed_zero_point)).detach()
     z = broadcastable(zero_point.float(), xg, spec)
+    per_tensor_cpu = spec.granularity is Granularity.PER_TENSOR and xg.device.type == "cpu"
+    if per_tensor_cpu and not torch.compiler.is_compiling():
+        return _LSQPerTensorCPU.apply(xg, s, z, spec.qmin, spec.qmax, g).to(x.dtype)
     out = _LSQ.apply(xg, s, z, spec.qmin, spec.qmax, g)
     return out.reshape(x.shape).to(x.dtype)
 

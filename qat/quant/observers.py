@@ -81,9 +81,10 @@ def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str)
 
 
 def _check_finite_without_sync(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:
-    """The running observers' check: immediate on the CPU; on a GPU deferred to Observer.check_finite.
-    Deferring loses nothing: min/max/lerp propagate NaN and Inf into the stored range."""
-    if x.device.type == "cpu":
+    """The running observers' check: immediate on the CPU in eager mode; on a GPU or under torch.compile
+    deferred to Observer.check_finite. Deferring loses nothing: min/max/lerp propagate NaN and Inf into the
+    stored range."""
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_finite(x, lo, hi, who)
 
 

@@ -111,3 +111,30 @@ def test_signed_pact_clips_both_sides():
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="symmetric"):
         pact_fake_quantize(x, alpha, QuantSpec(bits=4, signed=True))
+
+
+@pytest.mark.parametrize("learned_zero", [False, True])
+def test_per_tensor_cpu_fast_path_equals_the_generic_autograd(learned_zero):
+    """The few-pass CPU kernel (fused forward, dot-product scale gradient) against _LSQ on a channels_last
+    activation: same values, same input gradients, scale / zero-point gradients to float tolerance."""
+    from qat.quant.learnable import _LSQ
+
+    torch.manual_seed(1)
+    x = (torch.randn(4, 8, 6, 6) * 2).to(memory_format=torch.channels_last)
+    grad = torch.randn(4, 8, 6, 6)  # contiguous: a layout other than x's
+    results = []
+    for fast in (True, False):
+        xi = x.clone().requires_grad_()
+        s = torch.tensor(0.07, requires_grad=True)
+        z = torch.tensor(3.3, requires_grad=learned_zero)
+        spec = QuantSpec(bits=4, signed=False)
+        if fast:
+            y = lsq_fake_quantize(xi, s, z, spec, grad_scale=0.5)
+        else:
+            y = _LSQ.apply(xi, s, z, spec.qmin, spec.qmax, 0.5)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, s.grad, z.grad))
+    (y1, gx1, gs1, gz1), (y2, gx2, gs2, gz2) = results
+    assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
+    assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-6)
+    assert (gz1 is None and gz2 is None) or torch.allclose(gz1, gz2, rtol=1e-5, atol=1e-6)
