@@ -1,0 +1,61 @@
+"""QAT modules: the simulated BN folding in training equals float Conv + BN on batch statistics."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from qat.fx import QuantConfig, enable_fake_quant, prepare
+from qat.fx.modules import QuantizedWeightModule
+from qat.models import build_model
+
+
+def _random_bn_state(model: nn.Module) -> nn.Module:
+    """Running statistics and affine parameters away from their defaults (negative gammas included)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.normal_()
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.2, 3.0)
+    return model
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_folded_training_step_equals_float_conv_bn(momentum):
+    """Fake quantization off, train mode: outputs and running statistics match the float ResNet-20 to float
+    rounding, gradients to 0.1% of their largest entry (momentum None: cumulative BN average, served by the plain division form)."""
+    torch.manual_seed(0)
+    float_model = _random_bn_state(build_model("resnet20", 10)).train()
+    for m in float_model.modules():
+        if isinstance(m, nn.BatchNorm2d) and momentum is None:
+            m.momentum = 0.1  # the division form updates with 0.1, like an nn.BatchNorm2d of momentum 0.1
+    x = torch.randn(16, 3, 32, 32)
+    prepared = prepare(copy.deepcopy(float_model), QuantConfig.preset("w8a8"), example_inputs=(x[:2],)).train()
+    enable_fake_quant(prepared, False)
+    if momentum is None:
+        for m in prepared.modules():
+            if isinstance(m, QuantizedWeightModule) and m.bn is not None:
+                m.bn.momentum = None
+    expected, got = float_model(x), prepared(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    projection = torch.randn_like(expected)
+    (expected * projection).sum().backward()
+    (got * projection).sum().backward()
+    float_params = dict(float_model.named_parameters())
+    qat_layers = {n: m for n, m in prepared.named_modules() if isinstance(m, QuantizedWeightModule)}
+    checked = 0
+    for name, layer in qat_layers.items():
+        if layer.bn is None:
+            continue
+        bn_name = name.replace("conv", "bn")
+        pairs = [(layer.weight, float_params[f"{name}.weight"]), (layer.bn.weight, float_params[f"{bn_name}.weight"]),
+                 (layer.bn.bias, float_params[f"{bn_name}.bias"])]
+        for ours, theirs in pairs:  # the folded form drops an eps-sized term of the weight gradient
+            assert torch.allclose(ours.grad, theirs.grad, rtol=1e-2, atol=1e-3 * theirs.grad.abs().max().item()), name
+        float_bn = dict(float_model.named_modules())[bn_name]
+        assert torch.allclose(layer.bn.running_mean, float_bn.running_mean, rtol=1e-5, atol=1e-6), name
+        assert torch.allclose(layer.bn.running_var, float_bn.running_var, rtol=1e-4, atol=1e-6), name
+        checked += 1
+    assert checked == 19
