@@ -81,18 +81,18 @@ class _LSQPerTensorCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
-        z = torch.round(torch.clamp(zero_point, qmin, qmax))
-        enabled = torch.ones(1, dtype=torch.long)
+        z = torch.round(torch.clamp(zero_point, qmin, qmax)).to(torch.int32)
         out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, z.to(torch.int32), enabled, qmin, qmax
+            x, scale, z, torch.ones(1, dtype=torch.long), qmin, qmax
         )
-        ctx.save_for_backward(x, out, inside, scale)
-        ctx.grad_scale = grad_scale
+        ctx.save_for_backward(x, inside, scale, z)  # not `out`: the network may modify it in place
+        ctx.grad_scale, ctx.qrange = grad_scale, (qmin, qmax)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, out, inside, scale = ctx.saved_tensors
+        x, inside, scale, z = ctx.saved_tensors
+        out = torch.fake_quantize_per_tensor_affine(x, scale, z, *ctx.qrange)  # recomputed: one pass
         grad_x = torch.where(inside, grad, 0.0)
         order = storage_order(x)
         flat_grad, flat_grad_x = _flat(grad, order), _flat(grad_x, order)

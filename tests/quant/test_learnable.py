@@ -138,3 +138,12 @@ def test_per_tensor_cpu_fast_path_equals_the_generic_autograd(learned_zero):
     assert torch.equal(y1, y2) and torch.equal(gx1, gx2)
     assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-6)
     assert (gz1 is None and gz2 is None) or torch.allclose(gz1, gz2, rtol=1e-5, atol=1e-6)
+
+
+def test_per_tensor_cpu_path_allows_in_place_ops_on_its_output():
+    """Networks with inplace activations (Hardswish, SiLU) modify the quantizer's output before backward."""
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    s = torch.tensor(0.1, requires_grad=True)
+    y = lsq_fake_quantize(x, s, None, QuantSpec(bits=4, signed=True))
+    torch.nn.functional.hardswish(y, inplace=True).sum().backward()
+    assert torch.isfinite(s.grad) and x.grad.shape == x.shape
