@@ -10,7 +10,7 @@ A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, 
 fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT qconfig, fp32), ours W8A8
 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned, observers off), both
 under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``. Times are medians
-of CUDA-event-timed steps after warm-up (wall-clock on CPU); the ratio is against float bf16 (eager).
+of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the variants' steps taken in turn); the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """
@@ -158,6 +158,8 @@ def profile(name: str, step: Callable[[], None], device: torch.device, steps: in
 
 
 def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
+    if setup.device.type == "cpu":
+        return run_round_robin(variants, setup, args)
     rows = []
     for variant in variants:
         model = variant.build(setup)
@@ -171,6 +173,28 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
         del model, step
         if setup.device.type == "cuda":
             torch.cuda.empty_cache()
+    return rows
+
+
+def run_round_robin(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
+    """CPU: one step of each variant in turn, `iters` rounds, so a busy spell of a shared machine slows every
+    variant alike; median wall-clock ms per variant."""
+    steps = {}
+    for variant in variants:
+        model = variant.build(setup)
+        steps[variant.name] = make_step(torch.compile(model) if variant.compiled else model, setup, variant.autocast)
+        for _ in range(args.warmup):
+            steps[variant.name]()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.iters):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    rows = [(name, statistics.median(t)) for name, t in times.items()]
+    for variant in variants:
+        if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
+            profile(variant.name, steps[variant.name], setup.device)
     return rows
 
 
