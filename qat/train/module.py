@@ -16,15 +16,30 @@ from contextlib import contextmanager
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from qat.quant.fake_quantize import QuantizerBase
 from qat.train.optim import build_optimizer, build_scheduler
-from qat.train.settings import OptimizerSettings, SchedulerSettings
+from qat.train.settings import DistillSettings, OptimizerSettings, SchedulerSettings
 
 DEFAULT_OPTIMIZER = OptimizerSettings()
 CONSTANT_LR = SchedulerSettings(name="none")
+NO_DISTILLATION = DistillSettings()
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(teacher || student) of the softened distributions, averaged over the batch (Hinton et al.).
+
+    >>> logits = torch.randn(4, 10)
+    >>> distillation_loss(logits, logits, 4.0).abs().item() < 1e-6
+    True
+    """
+    t = temperature
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * (t * t)
 
 
 @contextmanager
@@ -41,7 +56,10 @@ def observers_paused(model: nn.Module) -> Iterator[None]:
 
 
 class LitClassifier(L.LightningModule):
-    """Logs train/loss, train/acc1, val|test/{loss, acc1, acc5} and the learning rate of each group."""
+    """Logs train/loss, train/acc1 (train/kd when distilling), val|test/{loss, acc1, acc5} and each group's lr.
+
+    teacher: a float model distilled into `net` with `distill` (alpha > 0); frozen and kept in eval mode.
+    """
 
     def __init__(
         self,
@@ -49,9 +67,15 @@ class LitClassifier(L.LightningModule):
         num_classes: int,
         optimizer: OptimizerSettings = DEFAULT_OPTIMIZER,
         scheduler: SchedulerSettings = CONSTANT_LR,
+        teacher: nn.Module | None = None,
+        distill: DistillSettings = NO_DISTILLATION,
     ):
         super().__init__()
         self.net = net
+        self.teacher = teacher  # frozen, always in eval mode; not in the optimizer
+        if teacher is not None:
+            teacher.requires_grad_(False)
+        self.distill = distill
         self.optimizer_settings, self.scheduler_settings = optimizer, scheduler
         self.criterion = nn.CrossEntropyLoss()
         top5 = min(5, num_classes)
@@ -69,6 +93,12 @@ class LitClassifier(L.LightningModule):
         x, y = batch
         logits = self.net(x)
         loss = self.criterion(logits, y)
+        if self.teacher is not None and self.distill.alpha > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher.eval()(x)
+            kd = distillation_loss(logits, teacher_logits, self.distill.temperature)
+            self.log("train/kd", kd)
+            loss = (1 - self.distill.alpha) * loss + self.distill.alpha * kd
         self.train_acc1(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)

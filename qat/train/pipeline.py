@@ -14,6 +14,7 @@ beforehand (see :mod:`qat.train.sync`).
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -60,7 +61,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
     net = prepared_model(float_model, settings, datamodule, example, device) if settings.quantized else float_model
     if trainer is not None:
         _log_config(trainer, cfg)
-        lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler)
+        teacher = copy.deepcopy(float_model).eval() if settings.distill.alpha > 0 else None
+        lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler, teacher, settings.distill)
         trainer.fit(lit, datamodule=datamodule, ckpt_path=settings.ckpt_path)
         if not trainer.is_global_zero:
             return None

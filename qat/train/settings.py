@@ -48,6 +48,7 @@ def _check(predicate, description: str) -> dict:
 POSITIVE = _check(lambda v: v > 0, "a number > 0")
 NON_NEGATIVE = _check(lambda v: v >= 0, "a number >= 0")
 FRACTION = _check(lambda v: 0 < v < 1, "a number in (0, 1)")
+UNIT_INTERVAL = _check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,12 @@ class QuantSettings:
         config = QuantConfig.preset(self.preset)
         if self.observer is None:
             return config
-        activation = config.activation
-        key = "init_observer" if activation.learnable else "range_method"
-        return config.with_(activation=activation.with_(**{key: self.observer}))
+
+        def observed_by(cfg):
+            return cfg.with_(**{"init_observer" if cfg.learnable else "range_method": self.observer})
+
+        op_activation = config.op_activation and observed_by(config.op_activation)
+        return config.with_(activation=observed_by(config.activation), op_activation=op_activation)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,15 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class DistillSettings:
+    """Knowledge distillation from the float model during QAT: loss = (1 - alpha) cross-entropy +
+    alpha T^2 KL(teacher || student) of the logits at temperature T. alpha 0: off."""
+
+    alpha: float = field(default=0.0, metadata=UNIT_INTERVAL)
+    temperature: float = field(default=4.0, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
 class EvaluateSettings:
     limit_batches: int | None = field(default=None, metadata=POSITIVE)
     latency_batch_size: int = field(default=32, metadata=POSITIVE)
@@ -131,6 +144,7 @@ class RunSettings:
     quant: QuantSettings = QuantSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    distill: DistillSettings = DistillSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
     export: ExportSettings = ExportSettings()
 
@@ -173,6 +187,9 @@ def _check_consistency(s: RunSettings) -> None:
     if s.quantized and s.quant.calibration_batches < 1:
         raise ConfigError(f"quant.calibration_batches={s.quant.calibration_batches} is invalid for task={s.task}; "
                           "allowed: an int >= 1")
+    if s.distill.alpha > 0 and s.task != "qat":
+        raise ConfigError(f"distill.alpha={s.distill.alpha} is invalid for task={s.task} (the float model teaches "
+                          "a quantized one); allowed: 0, or task=qat")
     if s.task == "ptq" and s.ckpt_path is not None:
         raise ConfigError("ckpt_path is invalid for task=ptq (nothing is trained); allowed: null")
     for key, path in (("model.pretrained", s.model.pretrained), ("ckpt_path", s.ckpt_path)):

@@ -101,6 +101,9 @@ BAD_VALUES = [
     ("data.batch_size=0", "data.batch_size=0 is invalid; allowed: a number > 0"),
     ("data.num_workers=two", "data.num_workers='two' is invalid; allowed: an int"),
     ("trainer.max_epochs=-2", "trainer.max_epochs=-2 is invalid; allowed: an int >= -1"),
+    ("distill.alpha=1.5", "distill.alpha=1.5 is invalid; allowed: a number in [0, 1]"),
+    ("distill.temperature=0", "distill.temperature=0.0 is invalid; allowed: a number > 0"),
+    ("task=ptq distill.alpha=0.5", "distill.alpha=0.5 is invalid for task=ptq"),
 ]
 
 

@@ -55,6 +55,10 @@ def test_fp32_run_saves_float_weights_that_a_ptq_run_starts_from(tmp_path):
     assert ptq["variants"][0]["top1"] == fp32["variants"][0]["top1"]  # the same float model, the same images
 
 
+def test_qat_run_with_distillation_from_the_float_model(tmp_path):
+    _run_and_check(tmp_path, "qat_resnet_w4a4", "distill.alpha=0.5")
+
+
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):
     import onnxruntime
 

@@ -17,10 +17,10 @@ from qat.models import build_model
 from qat.quant.fake_quantize import QuantizerBase
 from qat.train.callbacks import QATSchedule
 from qat.train.evaluate import VariantResult
-from qat.train.module import observers_paused
+from qat.train.module import LitClassifier, distillation_loss, observers_paused
 from qat.train.optim import build_optimizer, build_scheduler, parameter_groups
 from qat.train.report import RunSummary, write_summary
-from qat.train.settings import OptimizerSettings, SchedulerSettings
+from qat.train.settings import DistillSettings, OptimizerSettings, SchedulerSettings
 
 MODULES = ["evaluate", "module", "optim", "recipes", "report", "settings"]
 
@@ -138,3 +138,42 @@ def test_gather_sweep_collects_every_run(tmp_path):
     csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[0].startswith("run,overrides,name,task")
     assert json.loads((tmp_path / "1" / "summary.json").read_text())["variants"][1]["top1"] == 85.5
+
+
+def test_distillation_loss_is_t2_scaled_kl_of_softened_logits():
+    student, teacher = torch.randn(6, 10), torch.randn(6, 10)
+    t = 3.0
+    p_teacher = torch.softmax(teacher / t, -1)
+    expected = (p_teacher * (p_teacher.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+    assert torch.allclose(distillation_loss(student, teacher, t), expected, atol=1e-6)
+    assert distillation_loss(teacher, teacher, t).abs() < 1e-6
+
+
+def test_training_step_mixes_cross_entropy_and_distillation():
+    """alpha weighs the teacher's term; the teacher stays frozen and in eval mode, and is not optimised."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(12), torch.nn.Linear(12, 10))
+    x, y = torch.randn(8, 3, 2, 2), torch.randint(0, 10, (8,))
+    losses = {}
+    for alpha in (0.0, 0.25, 1.0):
+        lit = LitClassifier(net, 10, teacher=teacher, distill=DistillSettings(alpha=alpha, temperature=2.0))
+        lit.log = lambda *args, **kwargs: None  # no Trainer attached
+        lit.train()
+        losses[alpha] = lit.training_step((x, y), 0)
+    ce = torch.nn.functional.cross_entropy(net(x), y)
+    with torch.no_grad():
+        kd = distillation_loss(net(x), teacher.eval()(x), 2.0)
+    assert torch.allclose(losses[0.0], ce) and torch.allclose(losses[1.0], kd)
+    assert torch.allclose(losses[0.25], 0.75 * ce + 0.25 * kd)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher[1].num_batches_tracked.item() == 0  # eval mode: BN statistics untouched
+
+
+def test_observer_override_reaches_the_residual_stream_quantizers_too():
+    from qat.train.settings import QuantSettings
+
+    config = QuantSettings(preset="w4a4_lsq", observer="percentile").quant_config()
+    assert config.activation.init_observer == config.op_activation.init_observer == "percentile"
+    assert config.op_activation.spec.bits == 8 and config.activation.spec.bits == 4
+    assert QuantSettings(preset="w8a8", observer="mse").quant_config().op_activation is None
