@@ -117,20 +117,10 @@ class QuantizedWeightModule(nn.Module):
             count = y_scaled.numel() // y_scaled.shape[1]
             unbiased = var_s * (count / max(count - 1, 1))
             bias = self.bias.detach() if self.bias is not None else 0.0
-            momentum = bn.momentum
+            momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
             bn.running_mean.lerp_(mean_s / factor + bias, momentum)
             bn.running_var.lerp_(unbiased / (factor * factor), momentum)
         return out
-
-    def _divided_train_step(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain simulation (y_scaled / f, then BN), for BN with a cumulative average (momentum None)."""
-        factor = self._bn_scale(self.bn.running_var.clone())
-        y = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
-        y = y / self._output_broadcast(factor, y)
-        if self.bias is not None:
-            y = y + self._output_broadcast(self.bias, y)
-        return F.batch_norm(y, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias,
-                            training=True, momentum=0.1, eps=self.bn.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fq is not None:
@@ -140,10 +130,8 @@ class QuantizedWeightModule(nn.Module):
         elif not self.training or self.bn_frozen:
             weight, bias = self.folded_weight_and_bias()  # BN on running statistics is exactly the fold
             y = self._compute(x, self.weight_fq(weight), bias)
-        elif self.bn.momentum is not None:
-            y = self._folded_train_step(x)
         else:
-            y = self._divided_train_step(x)
+            y = self._folded_train_step(x)
         if self.activation is not None:
             y = FUSED_ACTIVATIONS[self.activation][0](y)
         return y

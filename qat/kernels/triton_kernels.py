@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from qat.kernels.types import ActQParams, conv_output_size
+from qat.quant.triton_fake_quant import round_half_even
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
@@ -80,17 +81,8 @@ def _autotune(key):
 
 
 @triton.jit
-def _round_half_even(x):
-    """Like ``torch.round``: exact for every float32 (``x - floor(x)`` is exact)."""
-    f = tl.floor(x)
-    frac = x - f
-    f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
-    return tl.where((frac > 0.5) | ((frac == 0.5) & f_is_odd), f + 1.0, f)
-
-
-@triton.jit
 def _requantize(y, inv_scale, zero_point, lo, hi):
-    q = _round_half_even(y * inv_scale) + zero_point
+    q = round_half_even(y * inv_scale) + zero_point
     return tl.minimum(tl.maximum(q, lo), hi)
 
 

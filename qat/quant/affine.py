@@ -169,16 +169,22 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
+def fake_quantize_with_mask(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's per-tensor fake-quant kernel without autograd: (x_hat, code in range) in one pass.
+    `scale` float32 and `zero_point` int32, both 0-d."""
+    enabled = torch.ones(1, dtype=torch.long)
+    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(x, scale, zero_point, enabled, qmin, qmax)
+
+
 class _PerTensorFakeQuantizeCPU(torch.autograd.Function):
     """torch's per-tensor fake-quant kernel (one pass, keeping a bool mask) with a backward that selects the
     gradient through the mask (torch's own multiplies by it, converting the mask to float first)."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
-        enabled = torch.ones(1, dtype=torch.long)
-        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, zero_point, enabled, qmin, qmax
-        )
+        out, inside = fake_quantize_with_mask(x, scale, zero_point, qmin, qmax)
         ctx.save_for_backward(inside)
         return out
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, storage_order, triton_applies
+from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, fake_quantize_with_mask, storage_order, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
 
 
@@ -82,9 +82,7 @@ class _LSQPerTensorCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float):
         z = torch.round(torch.clamp(zero_point, qmin, qmax)).to(torch.int32)
-        out, inside = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            x, scale, z, torch.ones(1, dtype=torch.long), qmin, qmax
-        )
+        out, inside = fake_quantize_with_mask(x, scale, z, qmin, qmax)
         ctx.save_for_backward(x, inside, scale, z)  # not `out`: the network may modify it in place
         ctx.grad_scale, ctx.qrange = grad_scale, (qmin, qmax)
         return out
@@ -92,7 +90,7 @@ class _LSQPerTensorCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, inside, scale, z = ctx.saved_tensors
-        out = torch.fake_quantize_per_tensor_affine(x, scale, z, *ctx.qrange)  # recomputed: one pass
+        out, _ = fake_quantize_with_mask(x, scale, z, *ctx.qrange)  # recomputed: one pass
         grad_x = torch.where(inside, grad, 0.0)
         order = storage_order(x)
         flat_grad, flat_grad_x = _flat(grad, order), _flat(grad_x, order)

@@ -36,12 +36,20 @@ _NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _round_half_even(x):
+def round_half_even(x):
     """Like ``torch.round``: exact for every float32 (``x - floor(x)`` is exact)."""
     f = tl.floor(x)
     frac = x - f
     f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
     return tl.where((frac > 0.5) | ((frac == 0.5) & f_is_odd), f + 1.0, f)
+
+
+@triton.jit
+def _program_slice(row_len, n_blocks, BLOCK: tl.constexpr):
+    """This program's (row, block), its element offsets in the row, their in-bounds mask and the row's start."""
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    return row, block, offs, offs < row_len, row.to(tl.int64) * row_len
 
 
 @triton.jit
@@ -55,7 +63,7 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
     if HAS_ZERO:
         z = tl.load(zero_ptr + row).to(tl.float32)
         if LEARNED:
-            z = _round_half_even(tl.minimum(tl.maximum(z, qmin), qmax))
+            z = round_half_even(tl.minimum(tl.maximum(z, qmin), qmax))
     else:
         z = zero_value
     return s, inv_s, z
@@ -64,13 +72,10 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
                     LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
-    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    inbounds = offs < row_len
-    base = row.to(tl.int64) * row_len
+    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
-    codes = _round_half_even(x * inv_s) + z
+    codes = round_half_even(x * inv_s) + z
     y = (tl.minimum(tl.maximum(codes, qmin), qmax) - z) * s
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inbounds)
 
@@ -81,15 +86,12 @@ def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_p
                      SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """grad_x = grad * (code in range). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
     zero-point gradient (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, block]."""
-    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    inbounds = offs < row_len
-    base = row.to(tl.int64) * row_len
+    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     v = x * inv_s
-    rounded = _round_half_even(v)
+    rounded = round_half_even(v)
     codes = rounded + z
     below, above = codes < qmin, codes > qmax
     inside = (codes >= qmin) & (codes <= qmax)

@@ -25,7 +25,8 @@ def _random_bn_state(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_folded_training_step_equals_float_conv_bn(momentum):
     """Fake quantization off, train mode: outputs and running statistics match the float ResNet-20 to float
-    rounding, gradients to 0.1% of their largest entry (momentum None: cumulative BN average, served by the plain division form)."""
+    rounding, gradients to 0.1% of their largest entry (momentum None: the
+    running statistics move by 0.1, as nn.BatchNorm2d(momentum=0.1) does)."""
     torch.manual_seed(0)
     float_model = _random_bn_state(build_model("resnet20", 10)).train()
     for m in float_model.modules():
