@@ -152,9 +152,12 @@ def profile(name: str, step: Callable[[], None], device: torch.device, steps: in
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"\n### {name}: top kernels over {steps} steps\n")
-    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
+    averages = prof.key_averages()
+    if device.type == "cuda":
+        print(f"\n### {name}: top kernels (GPU time) over {steps} steps\n")
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(f"\n### {name}: top host-side ops (CPU time) over {steps} steps\n")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
 
 
 def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:

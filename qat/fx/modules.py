@@ -33,6 +33,60 @@ FUSED_ACTIVATIONS = {
 CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
+def _batch_mean_var(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (dim 1) batch mean and biased variance of y, float32 (C,) each, in one pass over y."""
+    if y.is_cuda:  # BatchNorm's own statistics kernel (channels_last aware, float32 accumulation)
+        mean, invstd = torch.batch_norm_stats(y, 0.0)
+        return mean, torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps 0: a constant channel reports 0
+    var, mean = torch.var_mean(y.float(), dim=[d for d in range(y.dim()) if d != 1], correction=0)
+    return mean, var
+
+
+def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """(y - mean) * invstd * weight + bias per channel (dim 1), in y's dtype and memory format."""
+    if y.is_cuda:
+        return torch.batch_norm_elemt(y, weight, bias, mean, invstd, 0.0)
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), y, scale.reshape(shape)).to(y.dtype)  # (C,) -> (1, C, 1, ..)
+
+
+class _BatchNormOfScaled(torch.autograd.Function):
+    """BatchNorm (batch statistics) of y = y_scaled / |factor|, computed from y_scaled: per channel,
+    (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2). Forward: one
+    statistics pass and one normalising pass over y_scaled; backward: BatchNorm's own (invstd fixed as
+    here). `factor` gets no gradient: BN of y_scaled depends on it only through the eps term. Returns
+    (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the running statistics)."""
+
+    @staticmethod
+    def forward(ctx, y_scaled, weight, bias, factor, eps: float):
+        mean, var = _batch_mean_var(y_scaled)
+        invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
+        ctx.save_for_backward(y_scaled, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero gradients built for mean and var
+        return _normalize(y_scaled, weight, bias, mean, invstd), mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        y_scaled, weight, mean, invstd = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None
+        wanted = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad.contiguous(memory_format=_memory_format(y_scaled)), y_scaled, weight, None, None, mean, invstd,
+            True, 0.0, wanted,
+        )
+        return grad_y, grad_weight, grad_bias, None, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class QuantizedWeightModule(nn.Module):
     """Shared parts of QAT Conv/Linear: a weight quantizer, optional fused BN and activation, and an
     optional input quantizer (used when the module is swapped in eagerly, outside the FX graph)."""
@@ -93,33 +147,24 @@ class QuantizedWeightModule(nn.Module):
         """Conv/Linear + BN on batch statistics with the weight folded as it will be after conversion.
 
         The layer computes y_scaled = layer(x, fq(w * f)) with f = gamma / sqrt(running_var + eps); the float
-        result is y = y_scaled / f (+ bias). Normalising with batch statistics is invariant to a per-channel
-        scale and shift of its input, so BN runs on y_scaled directly: no division pass over the output (nor
-        in its backward), and under bf16 autocast the output stays bf16. Only eps does not scale: BN(y) is
-        BN(y_scaled) with weight |gamma| sqrt(var_s + eps) / sqrt(var_s + eps f^2), var_s the batch variance
-        of y_scaled (read in one extra reduction pass; autograd treats it as a constant, which leaves out an
-        eps-sized term of the weight gradient). The running statistics get y's batch mean and
-        variance: y_scaled's / f and / f^2.
+        result is y = y_scaled / f (+ bias). BN of y with batch statistics is BN of y_scaled with eps * f^2
+        in place of eps and |gamma| in place of gamma (:class:`_BatchNormOfScaled`; f has gamma's sign, BN
+        takes |f| out): no division pass over the output, and under bf16
+        autocast the output stays bf16. The running statistics get y's batch mean and variance.
         """
         bn = self.bn
-        running_var = bn.running_var.clone()  # what the backward reads must not be the buffer updated below
-        factor = self._bn_scale(running_var)
+        factor = torch.rsqrt(bn.running_var + bn.eps)  # autograd keeps the rsqrt result, not running_var
+        factor = factor * bn.weight if bn.weight is not None else factor
         y_scaled = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
-        reduce_dims = [d for d in range(y_scaled.dim()) if d != 1]
-        with torch.no_grad():
-            var_s, mean_s = torch.var_mean(y_scaled, dim=reduce_dims, correction=0)  # (C,) each, y_scaled's
-            var_s, mean_s = var_s.float(), mean_s.float()
-            var_y = var_s / factor.detach() ** 2  # y's batch variance: does not depend on gamma
-        # |gamma| sqrt(var_s + eps) / sqrt(var_s + eps f^2), written so autograd sees how it depends on f
-        gamma = torch.sqrt(running_var + bn.eps) * torch.sqrt(factor**2 * var_y + bn.eps) / torch.sqrt(var_y + bn.eps)
-        out = F.batch_norm(y_scaled, None, None, gamma, bn.bias, training=True, eps=bn.eps)
+        gamma = bn.weight.abs() if bn.weight is not None else None  # y_scaled / |f| has y's sign: f has gamma's
+        out, mean_s, var_s = _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor.detach(), bn.eps)
         with torch.no_grad():
             count = y_scaled.numel() // y_scaled.shape[1]
-            unbiased = var_s * (count / max(count - 1, 1))
-            bias = self.bias.detach() if self.bias is not None else 0.0
+            inv_factor = factor.reciprocal()
+            mean_y = mean_s * inv_factor if self.bias is None else torch.addcmul(self.bias, mean_s, inv_factor)
             momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
-            bn.running_mean.lerp_(mean_s / factor + bias, momentum)
-            bn.running_var.lerp_(unbiased / (factor * factor), momentum)
+            bn.running_mean.lerp_(mean_y, momentum)
+            bn.running_var.lerp_(var_s * inv_factor.square_().mul_(count / max(count - 1, 1)), momentum)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

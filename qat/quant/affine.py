@@ -66,8 +66,8 @@ def _channel_axis(x: torch.Tensor, spec: QuantSpec) -> int:
 
 
 def reduced_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of `x` over everything that shares one (scale, zero_point) under `spec`."""
-    lo, hi = _aminmax(x.detach(), spec)
+    """Min and max (float32) of `x` over everything that shares one (scale, zero_point) under `spec`."""
+    lo, hi = reduced_aminmax(x.detach(), spec)
     return lo.float(), hi.float()  # exact: min and max are elements of x, reduced in x's own dtype
 
 
@@ -83,7 +83,8 @@ def storage_order(x: torch.Tensor, first: int | None = None) -> tuple[int, ...]:
     return tuple(([first] if first is not None else []) + order)
 
 
-def _aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def reduced_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`reduced_minmax`, in x's dtype (no casts)."""
     g = spec.granularity
     if g is Granularity.PER_TENSOR:
         return torch.aminmax(x.permute(storage_order(x)))  # a contiguous view: no copy for channels_last
@@ -94,6 +95,11 @@ def _aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
     if g is Granularity.PER_TOKEN:
         return torch.aminmax(x, dim=-1)
     return torch.aminmax(_group_view(x, spec), dim=-1)
+
+
+def range_steps(spec: QuantSpec) -> float:
+    """Grid steps a range spans: scale = (max - min) / this (affine), max(-min, max) / this (symmetric)."""
+    return (spec.qmax - spec.qmin) / 2 if spec.symmetric else float(spec.qmax - spec.qmin)
 
 
 def qparams_from_minmax(
@@ -110,14 +116,13 @@ def qparams_from_minmax(
     """
     min_val = torch.clamp(min_val.float(), max=0.0)
     max_val = torch.clamp(max_val.float(), min=0.0)
-    qmin, qmax = spec.qmin, spec.qmax
     if spec.symmetric:
         amax = torch.maximum(-min_val, max_val)
-        scale = torch.clamp(amax / ((qmax - qmin) / 2), min=SCALE_EPS)
+        scale = torch.clamp(amax / range_steps(spec), min=SCALE_EPS)
         zero_point = torch.full_like(scale, spec.fixed_zero_point, dtype=torch.int32)
         return scale, zero_point
-    scale = torch.clamp((max_val - min_val) / (qmax - qmin), min=SCALE_EPS)
-    zero_point = torch.clamp(qmin - torch.round(min_val / scale), qmin, qmax).to(torch.int32)
+    scale = torch.clamp((max_val - min_val) / range_steps(spec), min=SCALE_EPS)
+    zero_point = torch.clamp(spec.qmin - torch.round(min_val / scale), spec.qmin, spec.qmax).to(torch.int32)
     return scale, zero_point
 
 

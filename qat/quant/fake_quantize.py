@@ -80,8 +80,10 @@ class FakeQuantize(QuantizerBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer_enabled:
-            self.observer(x)
-            self._stale = True
+            fused = self.observer.observe_into_qparams(x, self.scale, self.zero_point)
+            if not fused:
+                self.observer(x)
+            self._stale = not fused
         if not self.fake_quant_enabled:
             return x
         if self.spec.is_dynamic:

@@ -10,14 +10,23 @@ DDP ranks) in the reduced shape of its spec: () per-tensor, (C,) per-channel.
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 from torch import nn
 
-from qat.quant.affine import qparams_from_minmax, reduced_minmax
+from qat.quant.affine import qparams_from_minmax, reduced_aminmax, reduced_minmax, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.state import ShapeFromStateDict, assign_
 
 OBSERVABLE = (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+
+
+class RunningRule(Enum):
+    """How a running-range observer merges a batch's (min, max) into its range (the fused kernel's RULE)."""
+
+    MIN_MAX = 0  # widen
+    EMA = 1  # move towards the batch range by `momentum`
 
 
 class Observer(ShapeFromStateDict):
@@ -46,6 +55,28 @@ class Observer(ShapeFromStateDict):
 
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement observe()")
+
+    def observe_into_qparams(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
+        """Observe `x` and write the new qparams into `scale` / `zero_point` in place, fused: on CUDA, for an
+        observer with a running rule whose buffers already have their shapes, one min/max reduction and one
+        Triton kernel (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere:
+        the caller observes and computes the qparams the plain way."""
+        rule = self.running_rule()
+        if rule is None or not self.has_data or not x.numel() or not triton_applies(x, self.spec):
+            return False
+        reduced = () if self.spec.granularity is Granularity.PER_TENSOR else (x.shape[self.spec.axis],)
+        if not self.min_val.shape == scale.shape == zero_point.shape == reduced:
+            return False
+        from qat.quant.triton_observers import update_range_and_qparams
+
+        lo, hi = reduced_aminmax(x.detach(), self.spec)
+        update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec, *rule)
+        return True
+
+    def running_rule(self) -> tuple[RunningRule, float] | None:
+        """(rule, momentum) when observe() merges each batch's range into a running one by a fixed rule
+        (what the fused kernel implements), else None."""
+        return None
 
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The (min, max) the qparams are computed from; subclasses may clip outliers here."""
@@ -100,6 +131,9 @@ class MinMaxObserver(Observer):
         assign_(self.max_val, hi)
         self.has_data = True
 
+    def running_rule(self) -> tuple[RunningRule, float]:
+        return RunningRule.MIN_MAX, 0.0
+
 
 class MovingAverageMinMaxObserver(Observer):
     """Exponential moving average of each batch's min and max (momentum = weight of the new batch)."""
@@ -119,3 +153,6 @@ class MovingAverageMinMaxObserver(Observer):
         assign_(self.min_val, lo)
         assign_(self.max_val, hi)
         self.has_data = True
+
+    def running_rule(self) -> tuple[RunningRule, float]:
+        return RunningRule.EMA, self.momentum

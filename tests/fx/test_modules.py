@@ -22,17 +22,22 @@ def _random_bn_state(model: nn.Module) -> nn.Module:
     return model
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: BatchNorm's statistics/elemt kernels
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_folded_training_step_equals_float_conv_bn(momentum):
-    """Fake quantization off, train mode: outputs and running statistics match the float ResNet-20 to float
-    rounding, gradients to 0.1% of their largest entry (momentum None: the
-    running statistics move by 0.1, as nn.BatchNorm2d(momentum=0.1) does)."""
+def test_folded_training_step_equals_float_conv_bn(momentum, device, monkeypatch):
+    """Fake quantization off, train mode, channels_last: outputs and running statistics match the float
+    ResNet-20 to float rounding, gradients to 0.1% of their largest entry (momentum None: the running
+    statistics move by 0.1, as nn.BatchNorm2d(momentum=0.1) does)."""
     torch.manual_seed(0)
-    float_model = _random_bn_state(build_model("resnet20", 10)).train()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # float32 convolutions on both sides
+    float_model = _random_bn_state(build_model("resnet20", 10)).to(device, memory_format=torch.channels_last).train()
     for m in float_model.modules():
         if isinstance(m, nn.BatchNorm2d) and momentum is None:
             m.momentum = 0.1  # the division form updates with 0.1, like an nn.BatchNorm2d of momentum 0.1
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randn(16, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     prepared = prepare(copy.deepcopy(float_model), QuantConfig.preset("w8a8"), example_inputs=(x[:2],)).train()
     enable_fake_quant(prepared, False)
     if momentum is None:
