@@ -6,7 +6,8 @@
     (the ResNet-50 / ViT rows under the interpreter take over 15 minutes)
 
 Rows (one markdown table):
-* ResNet-50 224 px at batch 256 and batch 1, ViT-B/16 224 px at batch 256: qat.prepare (w8a8) -> calibrate
+* ResNet-50 224 px at batch 256 and batch 1 (and batch 1 with both models captured in a CUDA graph by
+  qat.int8.capture_cuda_graph: latency without host launch overhead), ViT-B/16 224 px at batch 256: qat.prepare (w8a8) -> calibrate
   on random images -> qat.convert(backend="cuda"), float32 input in channels_last, against the float model
   cast to bf16 (channels_last, cudnn.benchmark on). ms per batch, img/s and the int8 / bf16 speed ratio; the
   last column is the top-1 agreement of int8 with the fake-quant model on the timed batch.
@@ -36,7 +37,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qat.fx import QuantConfig, calibrate, prepare
-from qat.int8 import convert
+from qat.int8 import capture_cuda_graph, convert
 from qat.kernels import get_backend
 from qat.kernels.types import ActQParams, Int8Weight
 
@@ -108,6 +109,14 @@ def model_rows(work: Workload, s: Setup, iters: int, warmup: int) -> list[tuple[
         rows.append((f"{work.name} {s.image}px, channels_last", str(batch), f"{t_int8:.2f} ms ({batch / t_int8 * 1e3:.0f} img/s)",
                      f"{t_bf16:.2f} ms ({batch / t_bf16 * 1e3:.0f} img/s)", f"{t_bf16 / t_int8:.2f}x",
                      f"top-1 vs fake-quant {100 * agree:.1f}%"))
+        if batch == 1 and s.device.type == "cuda":  # latency: both captured in a CUDA graph
+            graphed_int8, graphed_bf16 = capture_cuda_graph(int8, x), capture_cuda_graph(bf16, xb)
+            with torch.inference_mode():
+                same = torch.equal(graphed_int8(x), int8(x))
+                t_int8 = median_ms(lambda: graphed_int8(x), s.device, iters, warmup)
+                t_bf16 = median_ms(lambda: graphed_bf16(xb), s.device, iters, warmup)
+            rows.append((f"{work.name} {s.image}px, CUDA graph (both)", str(batch), f"{t_int8:.2f} ms",
+                         f"{t_bf16:.2f} ms", f"{t_bf16 / t_int8:.2f}x", f"replay = eager int8: {same}"))
     return rows
 
 

@@ -3,13 +3,15 @@
     python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --compile
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --profile
+    python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128 --cuda-graph
     python scripts/bench_gpu_qat.py --device cpu --model resnet18 --batch 16 --threads 2 --iters 10 --warmup 3
     python scripts/bench_gpu_qat.py --device cpu --batch 2 --image-size 32 --iters 2 --warmup 1   # smoke test
 
 A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, channels_last. Rows: float
 fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT qconfig, fp32), ours W8A8
 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned, observers off), both
-under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``. Times are medians
+under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``; with ``--cuda-graph``
+also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead: the GPU's work). Times are medians
 of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the variants' steps taken in turn); the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
@@ -65,6 +67,7 @@ class Variant:
     autocast: bool
     compiled: bool = False
     qat: bool = False
+    graphed: bool = False  # the whole step (forward, backward, SGD) captured once in a CUDA graph and replayed
 
 
 def build_float(setup: Setup) -> nn.Module:
@@ -88,7 +91,7 @@ def build_ours(preset: str, observers_on: bool) -> Callable[[Setup], nn.Module]:
     return build
 
 
-def variants_for(precision: str, compiled: bool) -> list[Variant]:
+def variants_for(precision: str, compiled: bool, graphed: bool = False) -> list[Variant]:
     """The rows: float fp32 (and bf16), torch.ao, ours W8A8 / W4A4 LSQ at `precision`; compiled ones too."""
     low = precision == "bf16"
     rows = [Variant("float fp32", build_float, autocast=False)]
@@ -106,7 +109,41 @@ def variants_for(precision: str, compiled: bool) -> list[Variant]:
             Variant(f"ours W4A4 LSQ {precision} compiled", build_ours("w4a4_lsq", observers_on=False), autocast=low,
                     compiled=True, qat=True),
         ]
+    if graphed:
+        rows += [
+            Variant(f"float {precision} CUDA graph", build_float, autocast=low, graphed=True),
+            Variant(f"ours W8A8 {precision} CUDA graph", build_ours("w8a8", observers_on=True), autocast=low,
+                    graphed=True, qat=True),
+            Variant(f"ours W4A4 LSQ {precision} CUDA graph", build_ours("w4a4_lsq", observers_on=False),
+                    autocast=low, graphed=True, qat=True),
+        ]
     return rows
+
+
+def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
+    """The step captured in a CUDA graph (warm-up on a side stream, autocast's cast cache off, gradients
+    allocated inside the graph), as in PyTorch's whole-network capture recipe; a call replays it. Possible
+    because a QAT step never synchronises with the host and its Python-side switches stay fixed."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def body() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
+            loss = F.cross_entropy(model(setup.x), setup.target)
+        loss.backward()
+        optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
@@ -168,7 +205,7 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
         model = variant.build(setup)
         if variant.compiled:
             model = torch.compile(model)
-        step = make_step(model, setup, variant.autocast)
+        step = (make_graphed_step if variant.graphed else make_step)(model, setup, variant.autocast)
         rows.append((variant.name, median_ms(step, setup.device, args.iters, args.warmup)))
         print(f"{variant.name}: {rows[-1][1]:.2f} ms/step", file=sys.stderr)
         if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
@@ -205,10 +242,11 @@ def table(rows: list[tuple[str, float]], baseline: str, title: str) -> str:
     base = dict(rows)[baseline]
     lines = [f"**{title}**", "", f"| variant | ms/step | vs {baseline} |", "|---|---:|---:|"]
     lines += [f"| {name} | {ms:.2f} | {ms / base:.2f}x |" for name, ms in rows]
-    if f"{baseline} compiled" in dict(rows):
-        compiled_base = dict(rows)[f"{baseline} compiled"]
-        lines += ["", f"| compiled variant | vs {baseline} compiled |", "|---|---:|"]
-        lines += [f"| {name} | {ms / compiled_base:.2f}x |" for name, ms in rows if name.endswith("compiled")]
+    for kind in ("compiled", "CUDA graph"):
+        if f"{baseline} {kind}" in dict(rows):
+            kind_base = dict(rows)[f"{baseline} {kind}"]
+            lines += ["", f"| {kind} variant | vs {baseline} {kind} |", "|---|---:|"]
+            lines += [f"| {name} | {ms / kind_base:.2f}x |" for name, ms in rows if name.endswith(kind)]
     return "\n".join(lines)
 
 
@@ -222,6 +260,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="also time float bf16 and ours under torch.compile")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time float bf16 and ours with the whole step captured in a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")
     parser.add_argument("--reference", action="store_true", help="ours on the pure-torch fake-quant path")
     parser.add_argument("--only", default=None, help="run only variants whose name contains this")
@@ -240,7 +280,7 @@ def main() -> None:
     setup = Setup(args.model, args.num_classes, x.contiguous(memory_format=torch.channels_last),
                   torch.randint(0, args.num_classes, (args.batch,), device=device))
     baseline = f"float {precision}"
-    variants = variants_for(precision, args.compile)
+    variants = variants_for(precision, args.compile, args.cuda_graph and device.type == "cuda")
     if args.only:
         variants = [v for v in variants if args.only in v.name or v.name == baseline]
     with fused_kernels(False) if args.reference else contextlib.nullcontext():

@@ -33,9 +33,14 @@ FUSED_ACTIVATIONS = {
 CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
+def _batchnorm_kernels(y: torch.Tensor) -> bool:
+    """Eager CUDA: BatchNorm's own statistics / normalise kernels; elsewhere (CPU, torch.compile) torch ops."""
+    return y.is_cuda and not torch.compiler.is_compiling()
+
+
 def _batch_mean_var(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (dim 1) batch mean and biased variance of y, float32 (C,) each, in one pass over y."""
-    if y.is_cuda:  # BatchNorm's own statistics kernel (channels_last aware, float32 accumulation)
+    if _batchnorm_kernels(y):  # channels_last aware, float32 accumulation
         mean, invstd = torch.batch_norm_stats(y, 0.0)
         return mean, torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps 0: a constant channel reports 0
     var, mean = torch.var_mean(y.float(), dim=[d for d in range(y.dim()) if d != 1], correction=0)
@@ -44,7 +49,7 @@ def _batch_mean_var(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
     """(y - mean) * invstd * weight + bias per channel (dim 1), in y's dtype and memory format."""
-    if y.is_cuda:
+    if _batchnorm_kernels(y):
         return torch.batch_norm_elemt(y, weight, bias, mean, invstd, 0.0)
     scale = invstd if weight is None else invstd * weight
     shift = -mean * scale if bias is None else bias - mean * scale

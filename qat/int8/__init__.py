@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import fx
 
 from qat.int8.compare import LayerAgreement, compare, layer_agreement
+from qat.int8.cuda_graph import capture_cuda_graph
 from qat.int8.lower import ConversionError, lower
 from qat.kernels import BACKENDS, default_backend
 
@@ -31,4 +32,4 @@ def convert(prepared: fx.GraphModule, backend: str | None = None) -> fx.GraphMod
     return lower(prepared, backend)
 
 
-__all__ = ["ConversionError", "LayerAgreement", "compare", "convert", "layer_agreement"]
+__all__ = ["ConversionError", "LayerAgreement", "capture_cuda_graph", "compare", "convert", "layer_agreement"]

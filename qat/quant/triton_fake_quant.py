@@ -18,6 +18,7 @@ outermost in memory (weights on axis 0, any per-tensor tensor); otherwise the ch
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -203,14 +204,27 @@ def _fused(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec,
     return _FusedFakeQuantize.apply(x, scale, zero_point, channels, grid)
 
 
+@functools.lru_cache(maxsize=None)
+def _grid(spec: QuantSpec, learned: bool, grad_scale: float) -> _Grid:
+    zero_value = float(spec.fixed_zero_point) if learned else 0.0
+    return _Grid(spec.qmin, spec.qmax, learned=learned, zero_value=zero_value, grad_scale=grad_scale)
+
+
+def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` (reduced shape: () or (C,)) as the kernels read it: contiguous, of `dtype`, no autograd history.
+    The quantizers' buffers already are, so the hot path dispatches nothing here."""
+    if t.dtype == dtype and t.dim() <= 1 and t.is_contiguous() and not t.requires_grad:
+        return t
+    return t.detach().to(dtype).reshape(-1)
+
+
 def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
     """Fused :func:`qat.quant.affine.fake_quantize` (per-tensor / per-channel; no gradient to the qparams)."""
-    grid = _Grid(spec.qmin, spec.qmax, learned=False, zero_value=0.0, grad_scale=0.0)
-    return _fused(x, scale.detach().float().reshape(-1), zero_point.detach().to(torch.int32).reshape(-1), spec, grid)
+    grid = _grid(spec, False, 0.0)
+    return _fused(x, _as_rows(scale, torch.float32), _as_rows(zero_point, torch.int32), spec, grid)
 
 
 def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, grad_scale: float) -> Tensor:
     """Fused :func:`qat.quant.learnable.lsq_fake_quantize`: gradients to x, scale and (LSQ+) zero_point."""
-    grid = _Grid(spec.qmin, spec.qmax, learned=True, zero_value=float(spec.fixed_zero_point), grad_scale=grad_scale)
     zero = None if zero_point is None else zero_point.reshape(-1)
-    return _fused(x, scale.reshape(-1), zero, spec, grid)
+    return _fused(x, scale.reshape(-1), zero, spec, _grid(spec, True, float(grad_scale)))
