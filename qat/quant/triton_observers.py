@@ -5,16 +5,17 @@ A training step of an observed quantizer used to be a dozen small torch ops afte
 kernel launch and a host-side dispatch. This kernel does all of it on the (rows,) reduced tensors:
 
     running' = min/max(running, batch)  or  running + m (batch - running)     (the observer's rule)
-    scale, zero_point = qparams_from_minmax(running')     (correctly rounded float32 division; torch on
-                                                            CUDA multiplies by the divisor's reciprocal,
-                                                            which can differ in the last bit)
+    scale, zero_point = qparams_from_minmax(running')                          (the same float32 arithmetic)
 
 and writes running', scale and zero_point into the buffers in place. NaN/Inf propagate into the running
-range as with the torch ops, where ``Observer.check_finite`` reports them. Imported lazily for CUDA
+range as with the torch ops, where ``Observer.check_finite`` reports them. Bit for bit the torch ops' results:
+torch divides a CUDA tensor by a Python number by multiplying with the number's float32 reciprocal (a CPU
+tensor by a correctly rounded division), so the kernel does what torch does on the tensors' device. Imported lazily for CUDA
 tensors; tests run it on the CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
+import numpy as np
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -29,9 +30,18 @@ _NO_FMA = {"enable_fp_fusion": False}  # each product and sum rounded on its own
 
 
 @triton.jit
+def _per_steps(span, steps, RECIPROCAL: tl.constexpr):
+    """span / steps as torch computes a tensor divided by a Python number on the device (RECIPROCAL: `steps`
+    holds the float32 reciprocal already)."""
+    if RECIPROCAL:
+        return span * steps
+    return tl.div_rn(span, steps)
+
+
+@triton.jit
 def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr, zero_ptr, rows, momentum,
                          qmin, qmax, steps, eps, fixed_zero,
-                         RULE: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr):
+                         RULE: tl.constexpr, SYMMETRIC: tl.constexpr, RECIPROCAL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < rows
     lo = tl.load(batch_lo_ptr + offs, mask=valid, other=0.0).to(tl.float32)
@@ -54,11 +64,11 @@ def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr
     lo = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
     hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
     if SYMMETRIC:
-        scale = tl.div_rn(tl.maximum(-lo, hi, propagate_nan=tl.PropagateNan.ALL), steps)
+        scale = _per_steps(tl.maximum(-lo, hi, propagate_nan=tl.PropagateNan.ALL), steps, RECIPROCAL)
         scale = tl.maximum(scale, eps, propagate_nan=tl.PropagateNan.ALL)
         zero = tl.zeros_like(scale) + fixed_zero
     else:
-        scale = tl.maximum(tl.div_rn(hi - lo, steps), eps, propagate_nan=tl.PropagateNan.ALL)
+        scale = tl.maximum(_per_steps(hi - lo, steps, RECIPROCAL), eps, propagate_nan=tl.PropagateNan.ALL)
         zero = qmin - round_half_even(tl.div_rn(lo, scale))
         zero = tl.minimum(tl.maximum(zero, qmin), qmax)
     tl.store(scale_ptr + offs, scale, mask=valid)
@@ -71,8 +81,11 @@ def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor
     `rule` (EMA weight `momentum`), and scale (float32) / zero_point (int32) become its qparams.
     Every tensor holds the spec's reduced shape, contiguous."""
     rows = min_val.numel()
+    steps = range_steps(spec)
+    if batch_lo.is_cuda:  # torch's reciprocal: 1 / steps divided in float32
+        steps = float(np.float32(1.0) / np.float32(steps))
     _update_range_kernel[(triton.cdiv(rows, _BLOCK),)](
         batch_lo, batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
-        float(spec.qmin), float(spec.qmax), range_steps(spec), SCALE_EPS,
-        float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, BLOCK=_BLOCK, **_NO_FMA,
+        float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
+        float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda, BLOCK=_BLOCK, **_NO_FMA,
     )
