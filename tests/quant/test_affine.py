@@ -120,11 +120,19 @@ FUSED_SPECS = [
 ]
 
 
+FUSED_CASES = [("cpu", torch.float32)] + [
+    pytest.param("cuda", dtype, marks=pytest.mark.gpu, id=f"cuda-{dtype}")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+]
+
+
+@pytest.mark.parametrize("device, dtype", FUSED_CASES)
 @pytest.mark.parametrize("spec", FUSED_SPECS, ids=lambda s: s.short())
-def test_fused_op_is_bit_equal_to_formula_values_and_grads(spec):
-    x = torch.randn(8, 6, 5, 5) * 4
+def test_fused_op_is_bit_equal_to_formula_values_and_grads(spec, device, dtype):
+    """The fused path (torch's kernels; on CUDA per-channel bf16/fp16 the Triton kernels) equals the formula."""
+    x = (torch.randn(8, 6, 5, 5) * 4).to(device, dtype).contiguous(memory_format=torch.channels_last)
     shape = (x.shape[spec.axis],) if spec.is_per_channel else ()
-    scale, zero = _random_qparams(spec, shape)
+    scale, zero = (t.to(device) for t in _random_qparams(spec, shape))
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     fused = fake_quantize(x1, scale, zero, spec, use_fused=True)
     plain = fake_quantize(x2, scale, zero, spec, use_fused=False)
