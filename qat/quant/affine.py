@@ -174,26 +174,13 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad * inside, None, None, None, None
 
 
-def _fake_quant_on(device: torch.device) -> torch.Tensor:
-    """The (1,) int64 switch torch's tensor-qparams fake-quant kernel reads on the device, made once per
-    device (a new one per call would be one more kernel launch on CUDA)."""
-    if device not in _FAKE_QUANT_ON:
-        _FAKE_QUANT_ON[device] = torch.ones(1, dtype=torch.long, device=device)
-    return _FAKE_QUANT_ON[device]
-
-
-_FAKE_QUANT_ON: dict[torch.device, torch.Tensor] = {}
-
-
 def fake_quantize_with_mask(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's per-tensor fake-quant kernel: (x_hat, code in range) in one pass; `scale` float32 and
-    `zero_point` int32, both 0-d, read on the device (no host synchronisation). Differentiable in x (torch's
-    backward multiplies the gradient by the mask)."""
-    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-        x, scale, zero_point, _fake_quant_on(x.device), qmin, qmax
-    )
+    """torch's per-tensor fake-quant kernel without autograd: (x_hat, code in range) in one pass.
+    `scale` float32 and `zero_point` int32, both 0-d."""
+    enabled = torch.ones(1, dtype=torch.long)
+    return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(x, scale, zero_point, enabled, qmin, qmax)
 
 
 class _PerTensorFakeQuantizeCPU(torch.autograd.Function):
@@ -213,15 +200,10 @@ class _PerTensorFakeQuantizeCPU(torch.autograd.Function):
 
 
 def _fused_op_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """torch's fused fake-quant kernels coincide with our formula (tests: bit-equal) for float32 per-tensor /
-    per-channel, and on CUDA for bf16 / fp16 per-tensor too (under torch.compile the plain formula is used:
-    the compiler fuses it with its neighbours). One C++ dispatch forward and backward: on CUDA far less host
-    time than a Python autograd function launching Triton kernels."""
-    if torch.compiler.is_compiling():
-        return False
-    if spec.granularity is Granularity.PER_TENSOR:
-        return x.dtype == torch.float32 or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
-    return spec.granularity is Granularity.PER_CHANNEL and x.dtype == torch.float32
+    """torch's fused fake-quant kernels coincide with our formula for float32 per-tensor / per-channel
+    (under torch.compile the plain formula is used: the compiler fuses it with its neighbours)."""
+    fused_granularity = spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
+    return fused_granularity and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
 def fake_quantize(
@@ -229,27 +211,28 @@ def fake_quantize(
 ) -> torch.Tensor:
     """quantize + dequantize in one differentiable step (clipped STE); output dtype = input dtype.
 
-    With `use_fused`: torch.fake_quantize_per_{tensor,channel}_affine's kernels where they coincide with the
-    formula (`_fused_op_applies`); other CUDA inputs (per-channel bf16) take the fused Triton kernels
-    (`qat.quant.triton_fake_quant`, no float32 copy). The tests prove both bit-equal to the plain formula.
+    With `use_fused`: on CUDA the fused Triton kernels (`qat.quant.triton_fake_quant`, any float dtype, no
+    float32 copy); elsewhere torch.fake_quantize_per_{tensor,channel}_affine where they coincide (float32
+    input, per-tensor or per-channel). The tests prove both bit-equal to the plain formula.
     """
-    if use_fused and _fused_op_applies(x, spec):
-        scale, zero_point = scale.detach(), zero_point.detach()
-        scale = scale if scale.dtype == torch.float32 else scale.float()
-        zero_point = zero_point if zero_point.dtype == torch.int32 else zero_point.to(torch.int32)
-        if spec.granularity is Granularity.PER_TENSOR and x.device.type == "cpu":
-            return _PerTensorFakeQuantizeCPU.apply(x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax)
-        if spec.granularity is Granularity.PER_TENSOR:
-            return fake_quantize_with_mask(x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax)[0]
-        return torch.fake_quantize_per_channel_affine(
-            x, scale, zero_point, _channel_axis(x, spec), spec.qmin, spec.qmax
-        )
     if use_fused and triton_applies(x, spec):
         from qat.quant import triton_fake_quant
 
         return triton_fake_quant.fake_quantize(x, scale, zero_point, spec)
+    scale = scale.detach().float()
+    zero_point = zero_point.detach().to(torch.int32)
+    if use_fused and _fused_op_applies(x, spec):
+        if spec.granularity is Granularity.PER_TENSOR and x.device.type == "cpu":
+            return _PerTensorFakeQuantizeCPU.apply(x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax)
+        if spec.granularity is Granularity.PER_TENSOR:
+            return torch.fake_quantize_per_tensor_affine(
+                x, scale.reshape(()), zero_point.reshape(()), spec.qmin, spec.qmax
+            )
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point, _channel_axis(x, spec), spec.qmin, spec.qmax
+        )
     xg = _as_grid(x.float(), spec)
-    s, z = broadcastable(scale.detach().float(), xg, spec), broadcastable(zero_point.detach().to(torch.int32), xg, spec)
+    s, z = broadcastable(scale, xg, spec), broadcastable(zero_point, xg, spec)
     out = _FakeQuantizeSTE.apply(xg, s, z, spec.qmin, spec.qmax)
     return out.reshape(x.shape).to(x.dtype)
 

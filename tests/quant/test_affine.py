@@ -129,7 +129,7 @@ FUSED_CASES = [("cpu", torch.float32)] + [
 @pytest.mark.parametrize("device, dtype", FUSED_CASES)
 @pytest.mark.parametrize("spec", FUSED_SPECS, ids=lambda s: s.short())
 def test_fused_op_is_bit_equal_to_formula_values_and_grads(spec, device, dtype):
-    """The fused path (torch's kernels; on CUDA per-channel bf16/fp16 the Triton kernels) equals the formula."""
+    """The fused path (torch's kernels; on CUDA per-channel the Triton kernels) equals the formula."""
     x = (torch.randn(8, 6, 5, 5) * 4).to(device, dtype).contiguous(memory_format=torch.channels_last)
     shape = (x.shape[spec.axis],) if spec.is_per_channel else ()
     scale, zero = (t.to(device) for t in _random_qparams(spec, shape))
