@@ -7,7 +7,8 @@
 
 Rows (one markdown table):
 * ResNet-50 224 px at batch 256 and batch 1 (and batch 1 with both models captured in a CUDA graph by
-  qat.int8.capture_cuda_graph: latency without host launch overhead), ViT-B/16 224 px at batch 256: qat.prepare (w8a8) -> calibrate
+  qat.int8.capture_cuda_graph: latency without host launch overhead), ViT-B/16 224 px at batch 256:
+  qat.prepare (w8a8) -> calibrate
   on random images -> qat.convert(backend="cuda"), float32 input in channels_last, against the float model
   cast to bf16 (channels_last, cudnn.benchmark on). ms per batch, img/s and the int8 / bf16 speed ratio; the
   last column is the top-1 agreement of int8 with the fake-quant model on the timed batch.

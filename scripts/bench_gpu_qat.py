@@ -11,8 +11,9 @@ A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, 
 fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT qconfig, fp32), ours W8A8
 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned, observers off), both
 under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``; with ``--cuda-graph``
-also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead: the GPU's work). Times are medians
-of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the variants' steps taken in turn); the ratio is against float bf16 (eager).
+also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead: the GPU's work).
+Times are medians of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the variants' steps taken
+in turn); the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """

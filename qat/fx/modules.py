@@ -1,8 +1,9 @@
 """QAT modules: Conv/Linear with weight fake-quant, optional fused BatchNorm (folding simulated) and ReLU.
 
 BN folding during QAT follows Jacob et al. 2018 / Krishnamoorthi 2018: the weight is folded with the
-running statistics, fake-quantized, and (while BN uses batch statistics) the conv output is unscaled again
-so that BatchNorm sees the same distribution as the float model. Once BN uses running statistics (eval, or
+running statistics and fake-quantized; while BN uses batch statistics, it normalises the scaled conv output
+with eps scaled to match, which equals BatchNorm of the unscaled output, as in the float model (no division
+pass). Once BN uses running statistics (eval, or
 frozen in training) the layer computes conv(x, fq(w * gamma / std)) + folded bias directly: the same
 function, and the same arithmetic the int8 conv performs.
 
@@ -154,8 +155,8 @@ class QuantizedWeightModule(nn.Module):
         The layer computes y_scaled = layer(x, fq(w * f)) with f = gamma / sqrt(running_var + eps); the float
         result is y = y_scaled / f (+ bias). BN of y with batch statistics is BN of y_scaled with eps * f^2
         in place of eps and |gamma| in place of gamma (:class:`_BatchNormOfScaled`; f has gamma's sign, BN
-        takes |f| out): no division pass over the output, and under bf16
-        autocast the output stays bf16. The running statistics get y's batch mean and variance.
+        takes |f| out): no division pass over the output, and under bf16 autocast the output stays bf16.
+        The running statistics get y's batch mean and variance.
         """
         bn = self.bn
         factor = torch.rsqrt(bn.running_var + bn.eps)  # autograd keeps the rsqrt result, not running_var

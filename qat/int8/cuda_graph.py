@@ -15,7 +15,9 @@ from collections.abc import Callable
 import torch
 
 
-def capture_cuda_graph(module: torch.nn.Module, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
+def capture_cuda_graph(
+    module: torch.nn.Module, example: torch.Tensor, warmup: int = 3
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """`module` (inference, on CUDA) captured for inputs shaped and typed like `example`; the returned
     function copies its input into the graph's input buffer, replays, and returns a copy of the output.
     Warm-up calls (Triton compilation and autotuning, cuDNN algorithm choice) run on a side stream first."""

@@ -8,10 +8,10 @@ kernel launch and a host-side dispatch. This kernel does all of it on the (rows,
     scale, zero_point = qparams_from_minmax(running')                          (the same float32 arithmetic)
 
 and writes running', scale and zero_point into the buffers in place. NaN/Inf propagate into the running
-range as with the torch ops, where ``Observer.check_finite`` reports them. Bit for bit the torch ops' results:
-torch divides a CUDA tensor by a Python number by multiplying with the number's float32 reciprocal (a CPU
-tensor by a correctly rounded division), so the kernel does what torch does on the tensors' device. Imported lazily for CUDA
-tensors; tests run it on the CPU with ``TRITON_INTERPRET=1``.
+range as with the torch ops, where ``Observer.check_finite`` reports them. Bit for bit the torch ops'
+results: torch divides a CUDA tensor by a Python number by multiplying with the number's float32 reciprocal
+(a CPU tensor by a correctly rounded division), so the kernel does what torch does on the tensors' device.
+Imported lazily for CUDA tensors; tests run it on the CPU with ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
@@ -87,5 +87,6 @@ def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor
     _update_range_kernel[(triton.cdiv(rows, _BLOCK),)](
         batch_lo, batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
         float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
-        float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda, BLOCK=_BLOCK, **_NO_FMA,
+        float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
+        BLOCK=_BLOCK, **_NO_FMA,
     )

@@ -39,7 +39,8 @@ def test_captured_qat_step_replays_like_eager_steps(preset):
     torch.manual_seed(0)
     x = torch.randn(32, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (32,), device="cuda")
-    prepared = qat.prepare(_Net().cuda().to(memory_format=torch.channels_last), qat.QuantConfig.preset(preset), (x[:2],))
+    net = _Net().cuda().to(memory_format=torch.channels_last)
+    prepared = qat.prepare(net, qat.QuantConfig.preset(preset), (x[:2],))
     qat.calibrate(prepared, [x], freeze=preset != "w8a8")  # w8a8: observers keep updating in every step
     eager, graphed = copy.deepcopy(prepared).train(), copy.deepcopy(prepared).train()
     opt_eager = torch.optim.SGD(eager.parameters(), lr=0.05, momentum=0.9)

@@ -6,15 +6,12 @@ Triton's interpreter (TRITON_INTERPRET=1) on tiny CPU tensors; the interpreter s
 truncation instead of rounding to nearest, so there bfloat16 outputs are compared within one bfloat16 ulp.
 """
 import copy
-import importlib
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import qat
-from qat.quant import affine, learnable
 from qat.quant.affine import fake_quantize, fused_kernels
 from qat.quant.learnable import lsq_fake_quantize, lsq_grad_scale
 from qat.quant.spec import QuantSpec
