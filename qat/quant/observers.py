@@ -13,7 +13,6 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
-from torch import nn
 
 from qat.quant.affine import qparams_from_minmax, reduced_aminmax, reduced_minmax, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
