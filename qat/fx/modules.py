@@ -35,17 +35,20 @@ CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
 def _batchnorm_kernels(y: torch.Tensor) -> bool:
-    """Eager CUDA: BatchNorm's own statistics / normalise kernels; elsewhere (CPU, torch.compile) torch ops."""
+    """Eager CUDA: BatchNorm's own normalise kernel; elsewhere (CPU, torch.compile) torch ops."""
     return y.is_cuda and not torch.compiler.is_compiling()
 
 
 def _batch_mean_var(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) batch mean and biased variance of y, float32 (C,) each, in one pass over y."""
-    if _batchnorm_kernels(y):  # channels_last aware, float32 accumulation
+    """Per-channel (dim 1) batch mean and biased variance of y, float32 (C,) each, by BatchNorm's own
+    statistics kernels (channels_last aware; on the CPU an order of magnitude faster than var_mean)."""
+    if torch.compiler.is_compiling():  # plain ops, which the compiler fuses
+        var, mean = torch.var_mean(y.float(), dim=[d for d in range(y.dim()) if d != 1], correction=0)
+        return mean, var
+    if y.is_cuda:
         mean, invstd = torch.batch_norm_stats(y, 0.0)
         return mean, torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps 0: a constant channel reports 0
-    var, mean = torch.var_mean(y.float(), dim=[d for d in range(y.dim()) if d != 1], correction=0)
-    return mean, var
+    return torch.batch_norm_update_stats(y.float(), None, None, 0.0)  # (mean, biased variance)
 
 
 def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
