@@ -74,7 +74,7 @@ def _flat(t: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
 
 
 class _LSQPerTensorCPU(torch.autograd.Function):
-    """Per-tensor LSQ/LSQ+ on the CPU in few passes: the forward is torch's fused fake-quant kernel (codes
+    """Per-tensor LSQ/LSQ+ on the CPU in few passes: the forward is `fake_quantize_with_mask` (codes
     round(x * (1/s)) + z, as in _LSQ; it also returns the in-range mask); the backward selects grad_x
     through the mask and gets the scale / zero-point gradients from dot products, using
     d x_hat / d s = x_hat / s - [inside] x / s   and   d x_hat / d z = -s [outside]."""
