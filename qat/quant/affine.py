@@ -178,7 +178,8 @@ def fake_quantize_with_mask(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_hat, code in range) without autograd; `scale` float32 and `zero_point` int32, 0-d (per-tensor) or
-    shaped to broadcast over x's channel axis (per-channel). Written as clamp(round(x / s), qmin - z, qmax - z) * s, which equals the reference formula bit for bit
+    shaped to broadcast over x's channel axis (per-channel). Computed as
+    clamp(round(x * (1 / s)), qmin - z, qmax - z) * s, which equals the reference formula bit for bit
     (integer-valued floats: adding z before and subtracting it after the clamp is exact), in four passes
     that torch vectorises: on the CPU twice as fast as torch's fused fake-quant kernel, a scalar loop."""
     codes = x * (1.0 / scale)
