@@ -64,30 +64,40 @@ def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.
 class _BatchNormOfScaled(torch.autograd.Function):
     """BatchNorm (batch statistics) of y = y_scaled / |factor|, computed from y_scaled: per channel,
     (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2). Forward: one
-    statistics pass and one normalising pass over y_scaled; backward: BatchNorm's own (invstd fixed as
-    here). `factor` gets no gradient: BN of y_scaled depends on it only through the eps term. Returns
-    (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the running statistics)."""
+    statistics pass and one normalising pass over y_scaled; backward: BatchNorm's own, plus the gradient
+    to `factor` through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values. That
+    term cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small only
+    where var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row quantized to
+    zero), so it is kept. Returns (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the
+    running statistics)."""
 
     @staticmethod
     def forward(ctx, y_scaled, weight, bias, factor, eps: float):
         mean, var = _batch_mean_var(y_scaled)
         invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
-        ctx.save_for_backward(y_scaled, weight, mean, invstd)
+        ctx.save_for_backward(y_scaled, weight, mean, invstd, factor)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero gradients built for mean and var
         return _normalize(y_scaled, weight, bias, mean, invstd), mean, var
 
     @staticmethod
     def backward(ctx, grad, _grad_mean, _grad_var):
-        y_scaled, weight, mean, invstd = ctx.saved_tensors
+        y_scaled, weight, mean, invstd, factor = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None
-        wanted = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        factor_grad = ctx.needs_input_grad[3]
+        wanted = [ctx.needs_input_grad[0], weight is not None and (ctx.needs_input_grad[1] or factor_grad),
+                  ctx.needs_input_grad[2]]
         grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(memory_format=_memory_format(y_scaled)), y_scaled, weight, None, None, mean, invstd,
             True, 0.0, wanted,
         )
-        return grad_y, grad_weight, grad_bias, None, None
+        grad_factor = None
+        if factor_grad and weight is not None:  # d out / d invstd * d invstd / d f, summed per channel
+            grad_factor = grad_weight * weight * factor * invstd.square() * -ctx.eps
+        grad_weight = grad_weight if ctx.needs_input_grad[1] else None
+        return grad_y, grad_weight, grad_bias, grad_factor, None
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -166,10 +176,10 @@ class QuantizedWeightModule(nn.Module):
         factor = factor * bn.weight if bn.weight is not None else factor
         y_scaled = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
         gamma = bn.weight.abs() if bn.weight is not None else None  # y_scaled / |f| has y's sign: f has gamma's
-        out, mean_s, var_s = _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor.detach(), bn.eps)
+        out, mean_s, var_s = _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor, bn.eps)
         with torch.no_grad():
             count = y_scaled.numel() // y_scaled.shape[1]
-            inv_factor = factor.reciprocal()
+            inv_factor = factor.detach().reciprocal()
             mean_y = mean_s * inv_factor if self.bias is None else torch.addcmul(self.bias, mean_s, inv_factor)
             momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
             bn.running_mean.lerp_(mean_y, momentum)

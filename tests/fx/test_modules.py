@@ -22,7 +22,26 @@ def _random_bn_state(model: nn.Module) -> nn.Module:
     return model
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: BatchNorm's statistics/elemt kernels
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def test_folded_training_step_gradient_exact_for_a_near_constant_channel():
+    """A channel whose variance is far below eps: BN of the scaled output depends on the fold factor through
+    eps * f^2, and that term carries most of gamma's gradient; with it, gamma's gradient equals float BN's."""
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).train()
+    with torch.no_grad():
+        float_model[0].weight[1] *= 1e-4  # channel 1: variance ~1e-8 against eps 1e-5
+        float_model[1].weight.copy_(torch.tensor([1.0, 0.7, -1.3, 2.0]))
+        float_model[1].running_var.copy_(torch.tensor([0.5, 2.0, 1.0, 0.3]))
+    x = torch.randn(8, 3, 6, 6)
+    prepared = prepare(copy.deepcopy(float_model), QuantConfig.preset("w8a8"), example_inputs=(x,)).train()
+    enable_fake_quant(prepared, False)
+    projection = torch.randn(8, 4, 6, 6)
+    (float_model(x) * projection).sum().backward()
+    (prepared(x) * projection).sum().backward()
+    layer = next(m for m in prepared.modules() if isinstance(m, QuantizedWeightModule))
+    torch.testing.assert_close(layer.bn.weight.grad, float_model[1].weight.grad, rtol=1e-5, atol=1e-5)  # CUDA: BatchNorm's statistics/elemt kernels
 
 
 @pytest.mark.parametrize("device", DEVICES)

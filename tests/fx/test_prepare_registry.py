@@ -42,8 +42,15 @@ def _inside_leaves(prepared):
 
 
 FULL_PRESET_MODELS = {"resnet20"}  # every preset in the default run; other models: w8a8 there
+# One step of 2-bit QAT on the tiny example batch diverges for RegNet: deep BNs see constant channels and
+# scale their gradient by 1/sqrt(eps) each (float BN does the same), a BN weight gets a ~1e27 gradient and the
+# next forward is NaN. Fake-quant used to map NaN to the range bounds (torch's CPU kernel, the Triton min/max),
+# which hid it; the CPU path now propagates NaN as the formula does.
+DIVERGES = {
+    ("regnet_x_400mf", "w2a2_lsq"): pytest.mark.xfail(strict=True, reason="2-bit step diverges (BN on constant channels)"),
+}
 STEP_PARAMS = [
-    pytest.param(n, p, marks=pytest.mark.slow)
+    pytest.param(n, p, marks=[pytest.mark.slow] + ([DIVERGES[n, p]] if (n, p) in DIVERGES else []))
     if n in HEAVY or (n not in FULL_PRESET_MODELS and p != "w8a8") else (n, p)
     for n in MODELS for p in PRESETS
 ]
