@@ -110,6 +110,23 @@ def test_lsq_matches_reference(fused_module, name, dtype):
         assert fused_args[2].grad.abs().sum() > 0  # some codes clip, so the offset learns
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "lsq"])
+def test_nan_and_inf_come_out_as_the_reference_gives_them(fused_module, learned):
+    """NaN stays NaN (a diverging step shows in the loss instead of being clamped to a range bound); +-inf clamp."""
+    spec = QuantSpec(bits=8, signed=False)
+    x = torch.tensor([0.5, float("nan"), float("inf"), -float("inf"), 3.0], device=DEVICE)
+    scale, zero = torch.tensor([0.02], device=DEVICE), torch.tensor([10], device=DEVICE, dtype=torch.int32)
+    if learned:
+        got = fused_module.lsq_fake_quantize(x, scale, zero.float(), spec, 1.0)
+        with fused_kernels(False):
+            want = lsq_fake_quantize(x, scale, zero.float(), spec, 1.0)
+    else:
+        got = fused_module.fake_quantize(x, scale, zero, spec)
+        want = fake_quantize(x, scale, zero, spec, use_fused=False)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(got[1])
+
+
 def test_lsq_scale_clamped_at_eps_gets_no_gradient(fused_module):
     spec = QuantSpec(bits=4, signed=False)
     x = torch.randn(300, device=DEVICE)
