@@ -77,8 +77,10 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_v
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     codes = round_half_even(x * inv_s) + z
-    nan = tl.PropagateNan.ALL  # NaN stays NaN, as with torch.clamp (the hardware min/max would drop it)
-    y = (tl.minimum(tl.maximum(codes, qmin, propagate_nan=nan), qmax, propagate_nan=nan) - z) * s
+    # NaN stays NaN, as with torch.clamp (the hardware min/max would drop it)
+    clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                         propagate_nan=tl.PropagateNan.ALL)
+    y = (clamped - z) * s
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inbounds)
 
 
