@@ -45,7 +45,7 @@ FULL_PRESET_MODELS = {"resnet20"}  # every preset in the default run; other mode
 # One step of 2-bit QAT on the tiny example batch diverges for RegNet: deep BNs see constant channels and
 # scale their gradient by 1/sqrt(eps) each (float BN does the same), a BN weight gets a ~1e27 gradient and the
 # next forward is NaN. Fake-quant used to map NaN to the range bounds (torch's CPU kernel, the Triton min/max),
-# which hid it; the CPU path now propagates NaN as the formula does.
+# which hid it; both paths now propagate NaN as the formula does.
 DIVERGES = {
     ("regnet_x_400mf", "w2a2_lsq"): pytest.mark.xfail(strict=True, reason="2-bit step diverges (BN on constant channels)"),
 }
