@@ -65,10 +65,10 @@ class _BatchNormOfScaled(torch.autograd.Function):
     """BatchNorm (batch statistics) of y = y_scaled / |factor|, computed from y_scaled: per channel,
     (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2). Forward: one
     statistics pass and one normalising pass over y_scaled; backward: BatchNorm's own, plus the gradient
-    to `factor` through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values. That
-    term cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small only
-    where var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row quantized to
-    zero), so it is kept. Returns (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the
+    to `factor` through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values.
+    That term cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small
+    only where var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row with few
+    non-zero codes), so it is kept. Returns (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the
     running statistics)."""
 
     @staticmethod
