@@ -81,8 +81,7 @@ class _Planner:
     def __init__(self, gm: fx.GraphModule, config: QuantConfig, leaves: tuple[str, ...]):
         self.gm, self.config, self.leaves = gm, config, leaves
         self.modules = dict(gm.named_modules())
-        self.on_grid: dict[fx.Node, bool] = {}
-        self.grid_config: dict[fx.Node, QuantizerConfig] = {}  # the quantizer that put an on-grid value there
+        self.grid_config: dict[fx.Node, QuantizerConfig] = {}  # values on a grid -> the quantizer that put them there
         self.requants: dict[tuple[fx.Node, QuantizerConfig], int] = {}  # -> index of the decision in self.acts
         self.resolved: dict[fx.Node, LayerQuant] = {}
         self.layers: list[LayerDecision] = []
@@ -120,21 +119,18 @@ class _Planner:
         return resolved
 
     def _visit(self, node: fx.Node, resolved: dict[fx.Node, LayerQuant]) -> None:
-        if node in self.absorbed or self.on_grid.get(node, False):
+        if node in self.absorbed or node in self.grid_config:
             return  # fused into a layer, or already given an output quantizer by the op before it
         if node in resolved:
             self._plan_layer(node, resolved[node])
         elif patterns.keeps_scale(node, self.modules) and node.args:
             first = node.args[0]
-            self.on_grid[node] = isinstance(first, fx.Node) and self.on_grid.get(first, False)
-            if self.on_grid[node]:
+            if isinstance(first, fx.Node) and first in self.grid_config:
                 self.grid_config[node] = self.grid_config[first]
         elif patterns.binary_kind(node) and self._all_activations(node.args[:2]):
             self._plan_op(node, patterns.binary_kind(node), list(node.args[:2]))
         elif patterns.is_cat(node) and self._all_activations(node.args[0]):
             self._plan_cat(node)
-        else:
-            self.on_grid[node] = False
 
     def _all_activations(self, args) -> bool:
         return isinstance(args, (list, tuple)) and len(args) > 0 and all(_is_activation(a, self.modules) for a in args)
@@ -175,8 +171,7 @@ class _Planner:
         self._ensure_on_grid(node.args[0], layer.activation, f"input of {node.target}", reader=node)
         end = act or bn or node
         self._quantize_output(node, self._output_config(end, layer), f"{type(module).__name__} {node.target}", end)
-        self.on_grid[end] = self.on_grid.get(node, False)
-        if self.on_grid[end]:
+        if node in self.grid_config:
             self.grid_config[end] = self.grid_config[node]
 
     def _output_config(self, end: fx.Node, layer: LayerQuant) -> QuantizerConfig:
@@ -195,7 +190,6 @@ class _Planner:
             self._ensure_on_grid(arg, cfg, f"input of {kind} {node.name}")
         relu = self._sole_user(node)
         if relu is not None and patterns.activation_kind(relu, self.modules) == "relu" and relu.args[0] is node:
-            self.on_grid[node] = False
             self._quantize_output(relu, cfg, f"{kind}+relu {node.name}")
         else:
             self._quantize_output(node, cfg, f"{kind} {node.name}")
@@ -203,7 +197,7 @@ class _Planner:
     def _plan_cat(self, node: fx.Node) -> None:
         name = f"{node.name}_out"
         for arg in node.args[0]:
-            if not self.on_grid.get(arg, False):
+            if arg not in self.grid_config:
                 self._add_act(arg, name, "input", f"cat {node.name} (shared)", self.config.op_quantizer)
         self._add_act(node, name, "output", f"cat {node.name}", self.config.op_quantizer)
 
@@ -212,7 +206,7 @@ class _Planner:
         of another precision gets a requantizer of its own (shared by the readers wanting the same)."""
         if not isinstance(value, fx.Node):
             return
-        if not self.on_grid.get(value, False):
+        if value not in self.grid_config:
             self._add_act(value, f"{value.name}_in", "input", why, cfg)
         elif reader is not None and self.grid_config[value].spec != cfg.spec:
             self._add_requant(value, cfg, reader)
@@ -239,7 +233,6 @@ class _Planner:
 
     def _add_act(self, node: fx.Node, quantizer: str, role: str, why: str, cfg: QuantizerConfig) -> None:
         self.acts.append(ActDecision(node.name, quantizer, role, why, cfg))
-        self.on_grid[node] = True
         self.grid_config[node] = cfg
 
 
