@@ -24,15 +24,12 @@ import triton.language as tl
 from torch import Tensor
 
 from qat.kernels.types import ActQParams, conv_output_size
-from qat.quant.triton_fake_quant import round_half_even
+from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
-# Round every float product and sum separately, as torch's eager ops and the reference do: a fused
-# multiply-add would move near-ties of the requantization by one LSB.
-_NO_FMA = {"enable_fp_fusion": False}
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
 
 
@@ -363,11 +360,11 @@ def _epilogue_args(out_qp: ActQParams | None, relu: bool, residual: Residual | N
 def _launch(kernel, grid, args: tuple, constexprs: dict, config: Tile | None) -> None:
     """Autotuned launch, or one forced tile (``config``) through the kernel under the autotuner."""
     if config is None:
-        kernel[grid](*args, **constexprs, **_NO_FMA)
+        kernel[grid](*args, **constexprs, **NO_FMA)
         return
     inner = kernel.fn  # the heuristics wrapper: it still derives EVEN_K / EVEN_C from BK
     meta = {"BM": config.bm, "BN": config.bn, "BK": config.bk, "GROUP_M": 8}
-    inner[grid](*args, **constexprs, **meta, num_warps=config.warps, num_stages=config.stages, **_NO_FMA)
+    inner[grid](*args, **constexprs, **meta, num_warps=config.warps, num_stages=config.stages, **NO_FMA)
 
 
 def _out(m: int, n: int, out_qp: ActQParams | None, device) -> Tensor:
@@ -430,7 +427,7 @@ def grouped_conv(x: Tensor, x_qp: ActQParams, w: Tensor, groups: int, w_scale: T
         x, w, w_scale, w_scale if bias is None else bias, out, m, n, h, wd, ho, wo, *x.stride(), *stride, *padding,
         *dilation, c // groups, n // groups, x_qp.zero_point, x_qp.scale, *_requant_args(out_qp, relu), KH=kh, KW=kw,
         HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, RELU=relu and out_qp is None, BM=bm, BN=bn,
-        num_warps=warps, **_NO_FMA)
+        num_warps=warps, **NO_FMA)
     return out
 
 
@@ -439,7 +436,7 @@ def quantize(x: Tensor, qp: ActQParams) -> Tensor:
     out = torch.empty_like(x, dtype=qp.dtype)
     n = x.numel()
     _quantize_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](x, out, n, *_requant_args(qp, False),
-                                                           BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+                                                           BLOCK=_ELEMENTWISE_BLOCK, **NO_FMA)
     return out
 
 
@@ -448,7 +445,7 @@ def dequantize(q: Tensor, qp: ActQParams) -> Tensor:
     out = torch.empty_like(q, dtype=torch.float32)
     n = q.numel()
     _dequantize_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](q, out, n, qp.scale, qp.zero_point,
-                                                             BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+                                                             BLOCK=_ELEMENTWISE_BLOCK, **NO_FMA)
     return out
 
 
@@ -459,7 +456,7 @@ def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: Act
     n = a.numel()
     _binary_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
         a, b, out, n, a_qp.scale, a_qp.zero_point, b_qp.scale, b_qp.zero_point, *_requant_args(out_qp, relu),
-        IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK, **_NO_FMA)
+        IS_MUL=is_mul, BLOCK=_ELEMENTWISE_BLOCK, **NO_FMA)
     return out
 
 
@@ -473,5 +470,5 @@ def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, o
     _bmm_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
                       signed_offset(b_qp), mult, *_requant_args(out_qp, False),
                       A_UNSIGNED=a.dtype == torch.uint8, B_UNSIGNED=b.dtype == torch.uint8,
-                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, **_NO_FMA)
+                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, **NO_FMA)
     return out

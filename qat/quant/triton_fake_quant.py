@@ -26,14 +26,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from qat.quant.affine import SCALE_EPS
 from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 128
-_SCALE_EPS = float(torch.finfo(torch.float32).eps)  # = qat.quant.affine.SCALE_EPS
-# Round every product and sum on its own, as torch's eager ops do: a fused multiply-add could move
-# near-ties of the rounding and break bit-equality with the reference.
-_NO_FMA = {"enable_fp_fusion": False}
+# Launch option of every Triton kernel of the project (fake-quant, observers, int8 kernels): round every
+# product and sum on its own, as torch's eager ops do; a fused multiply-add could move near-ties of the
+# rounding and break bit-equality with the reference.
+NO_FMA = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -137,8 +138,8 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
     row_len, block, n_blocks = _launch_shape(x, rows)
     _forward_kernel[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, row_len, n_blocks, grid.zero_value,
-        float(grid.qmin), float(grid.qmax), _SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4, **_NO_FMA,
+        float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
     return y
 
@@ -153,9 +154,9 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if scale_grad or zero_grad else grad_x
     _backward_kernel[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
-        grid.zero_value, float(grid.qmin), float(grid.qmax), _SCALE_EPS, grid.grad_scale,
+        grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4, **_NO_FMA,
+        BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
     sums = partials.sum(dim=-1) if scale_grad or zero_grad else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums

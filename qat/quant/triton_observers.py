@@ -23,10 +23,9 @@ from torch import Tensor
 from qat.quant.affine import SCALE_EPS, range_steps
 from qat.quant.observers import RunningRule
 from qat.quant.spec import QuantSpec
-from qat.quant.triton_fake_quant import round_half_even
+from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 
 _BLOCK = 1024
-_NO_FMA = {"enable_fp_fusion": False}  # each product and sum rounded on its own, as the torch ops do
 
 
 @triton.jit
@@ -88,5 +87,5 @@ def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor
         batch_lo, batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
         float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
         float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
-        BLOCK=_BLOCK, **_NO_FMA,
+        BLOCK=_BLOCK, **NO_FMA,
     )
