@@ -1,4 +1,6 @@
-"""Shared test fixtures: markers, seeds and the location of ../shared/data."""
+"""Shared test fixtures: markers, seeds, the location of ../shared/data, and the fused-kernel fixtures (the
+Triton modules natively on CUDA, interpreted on the CPU)."""
+import importlib
 import os
 from pathlib import Path
 
@@ -34,3 +36,26 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA} (set QAT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def fused_module():
+    """qat.quant.triton_fake_quant: native kernels on CUDA, interpreted on the CPU (tests/conftest.py sets
+    TRITON_INTERPRET=1 before triton is imported when there is no GPU)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    return importlib.import_module("qat.quant.triton_fake_quant")
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch, fused_module):
+    """Route CPU tensors through the fused kernels too (interpreted), so model-level tests run everywhere."""
+    from qat.quant import affine, learnable, observers  # after TRITON_INTERPRET is set above
+
+    if not torch.cuda.is_available():
+        def applies(x, spec):
+            return affine._use_triton and spec.granularity.value in ("per_tensor", "per_channel")
+
+        monkeypatch.setattr(affine, "triton_applies", applies)
+        monkeypatch.setattr(learnable, "triton_applies", applies)
+        monkeypatch.setattr(observers, "triton_applies", applies)

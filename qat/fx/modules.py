@@ -121,6 +121,7 @@ class QuantizedWeightModule(nn.Module):
         self.weight_fq: QuantizerBase = weight_cfg.build()
         self.bn = bn
         self.activation = activation
+        self.activation_in_output_quantizer = False  # prepare: the output quantizer applies the ReLU
         self.bn_frozen = False
         self.input_fq: QuantizerBase | None = None
 
@@ -196,7 +197,7 @@ class QuantizedWeightModule(nn.Module):
             y = self._compute(x, self.weight_fq(weight), bias)
         else:
             y = self._folded_train_step(x)
-        if self.activation is not None:
+        if self.activation is not None and not self.activation_in_output_quantizer:
             y = FUSED_ACTIVATIONS[self.activation][0](y)
         return y
 
@@ -210,7 +211,8 @@ class QuantizedWeightModule(nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"bn={'frozen' if self.bn_frozen else 'live'}" if self.bn is not None else "no bn"]
-        return ", ".join(parts + ([f"activation={self.activation}"] if self.activation else []))
+        where = " (in the output quantizer)" if self.activation_in_output_quantizer else ""
+        return ", ".join(parts + ([f"activation={self.activation}{where}"] if self.activation else []))
 
 
 class QConv(QuantizedWeightModule):
@@ -275,4 +277,24 @@ FLOAT_TO_QAT: dict[type[nn.Module], type[QuantizedWeightModule]] = {
 }
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_relu_into_quantizer(layer: QuantizedWeightModule, quantizer: QuantizerBase) -> None:
+    """The layer's ReLU moves into `quantizer`, which must be the only reader of the layer's output: the
+    fused kernels then apply it inside the observer and fake-quant passes (no ReLU pass forward or
+    backward); values and gradients are unchanged."""
+    if layer.activation != "relu":
+        raise ValueError(f"only a fused 'relu' moves into a quantizer, the layer has activation={layer.activation!r}")
+    layer.activation_in_output_quantizer = True
+    quantizer.applies_relu = True
+
+
+def unfold_relus(model: nn.Module) -> None:
+    """Undo :func:`fold_relu_into_quantizer` everywhere in `model` (in place): each layer applies its own
+    activation again, the form convert and export start from (a layer computes what its int8 twin does)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedWeightModule):
+            m.activation_in_output_quantizer = False
+        elif isinstance(m, QuantizerBase):
+            m.applies_relu = False
 

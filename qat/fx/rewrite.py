@@ -5,7 +5,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from qat.fx.leaf_swaps import LEAF_SWAPS
-from qat.fx.modules import FLOAT_TO_QAT
+from qat.fx.modules import FLOAT_TO_QAT, QuantizedWeightModule, fold_relu_into_quantizer
 from qat.fx.plan import QuantPlan
 
 ACT_CONTAINER = "act_quantizers"
@@ -60,6 +60,23 @@ def _insert_activation_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
             current[a.node] = fq
 
 
+def _fold_relus(gm: fx.GraphModule) -> None:
+    """A layer with a fused ReLU whose only reader is an activation quantizer hands the ReLU to it (see
+    fold_relu_into_quantizer); both must be called once in the graph, so the flags concern this call alone."""
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in gm.graph.nodes:
+        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(layer, QuantizedWeightModule) or layer.activation != "relu" or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        is_quantizer = user.op == "call_module" and user.target.startswith(f"{ACT_CONTAINER}.")
+        if is_quantizer and calls[node.target] == 1 and calls[user.target] == 1:
+            fold_relu_into_quantizer(layer, gm.get_submodule(user.target))
+
+
 def _swap_leaf_layers(gm: fx.GraphModule, plan: QuantPlan, config) -> None:
     """Inside leaf modules the graph pass cannot see calls: swap Conv/Linear for self-quantizing modules."""
     for leaf in plan.leaves:
@@ -83,6 +100,7 @@ def rewrite(gm: fx.GraphModule, plan: QuantPlan, config) -> fx.GraphModule:
     """Apply `plan` to `gm` in place and return it recompiled."""
     _swap_layers(gm, plan)
     _insert_activation_quantizers(gm, plan)
+    _fold_relus(gm)
     _swap_leaf_layers(gm, plan, config)
     _swap_known_leaves(gm, plan, config)
     gm.graph.lint()

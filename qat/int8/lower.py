@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from qat.fx import patterns
-from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
+from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule, unfold_relus
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
 from qat.int8 import modules as q8
 from qat.kernels import BACKENDS, ActQParams, ConvGeometry, Int8Weight
@@ -287,6 +287,7 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = N
     """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
     (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike)."""
     gm = copy.deepcopy(prepared).eval()
+    unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
     fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
     for m in gm.modules():
         if isinstance(m, QuantizerBase):

@@ -214,19 +214,23 @@ def _fused_op_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, use_fused: bool = True
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, use_fused: bool = True,
+    relu: bool = False,
 ) -> torch.Tensor:
     """quantize + dequantize in one differentiable step (clipped STE); output dtype = input dtype.
 
     With `use_fused`: on CUDA the fused Triton kernels (`qat.quant.triton_fake_quant`, any float dtype, no
     float32 copy); elsewhere, for float32 per-tensor / per-channel input, `fake_quantize_with_mask` (CPU) or
     torch.fake_quantize_per_{tensor,channel}_affine (CUDA without Triton). The tests prove each bit-equal to
-    the plain formula.
+    the plain formula. `relu`: fake-quantize relu(x) (the Triton kernels fold it in: values and gradients
+    as torch.relu followed by the fake-quant).
     """
     if use_fused and triton_applies(x, spec):
         from qat.quant import triton_fake_quant
 
-        return triton_fake_quant.fake_quantize(x, scale, zero_point, spec)
+        return triton_fake_quant.fake_quantize(x, scale, zero_point, spec, relu)
+    if relu:
+        x = torch.relu(x)
     scale = scale.detach().float()
     zero_point = zero_point.detach().to(torch.int32)
     if use_fused and _fused_op_applies(x, spec):

@@ -10,11 +10,16 @@ True
 
 Switch states are Python flags (no device synchronisation in forward), saved in the state_dict as extra
 state, so a checkpoint resumes with the same modes.
+
+``applies_relu``: the quantizer takes relu(x) (prepare sets it when the quantizer takes over the ReLU of the
+layer before it, its only reader); the fused CUDA kernels fold that ReLU into the observer and fake-quant
+passes instead of running it on its own.
 """
 from __future__ import annotations
 
 import torch
 
+from qat.quant import affine
 from qat.quant.affine import dynamic_fake_quantize, fake_quantize
 from qat.quant.learnable import lsq_fake_quantize, pact_fake_quantize, pact_scale
 from qat.quant.observers import Observer
@@ -31,6 +36,16 @@ class QuantizerBase(ShapeFromStateDict):
         self.observer = observer
         self.observer_enabled = observer is not None
         self.fake_quant_enabled = True
+        self.applies_relu = False
+
+    def _take_relu(self, x: torch.Tensor, kernels_fold: bool) -> tuple[torch.Tensor, bool]:
+        """(x, True) when the fused kernels will apply this quantizer's ReLU (`kernels_fold` and they serve
+        x), (relu(x), False) when it must be computed here, (x, False) without one."""
+        if not self.applies_relu:
+            return x, False
+        if kernels_fold and self.fake_quant_enabled and affine.triton_applies(x, self.spec):
+            return x, True
+        return torch.relu(x), False
 
     def enable_observer(self, enabled: bool = True) -> "QuantizerBase":
         if not enabled and self.observer_enabled:
@@ -64,7 +79,8 @@ class QuantizerBase(ShapeFromStateDict):
         raise NotImplementedError(f"{type(self).__name__} must implement qparams()")
 
     def extra_repr(self) -> str:
-        return f"{self.spec.short()}, observer={self.observer_enabled}, fake_quant={self.fake_quant_enabled}"
+        relu = ", relu first" if self.applies_relu else ""
+        return f"{self.spec.short()}, observer={self.observer_enabled}, fake_quant={self.fake_quant_enabled}{relu}"
 
 
 class FakeQuantize(QuantizerBase):
@@ -79,10 +95,11 @@ class FakeQuantize(QuantizerBase):
         self._stale = False  # observer saw data the qparams do not reflect yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, relu = self._take_relu(x, kernels_fold=True)
         if self.observer_enabled:
-            fused = self.observer.observe_into_qparams(x, self.scale, self.zero_point)
+            fused = self.observer.observe_into_qparams(x, self.scale, self.zero_point, relu)
             if not fused:
-                self.observer(x)
+                self.observer(torch.relu(x) if relu else x)
             self._stale = not fused
         if not self.fake_quant_enabled:
             return x
@@ -90,7 +107,7 @@ class FakeQuantize(QuantizerBase):
             return dynamic_fake_quantize(x, self.spec)
         if self._stale:
             self.calculate_qparams()
-        return fake_quantize(x, self.scale, self.zero_point, self.spec)
+        return fake_quantize(x, self.scale, self.zero_point, self.spec, relu=relu)
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Recompute scale/zero_point from the observer into the buffers and return them."""
@@ -138,8 +155,9 @@ class LearnableFakeQuantize(QuantizerBase):
             self.zero_point = torch.nn.Parameter(zero) if method == "lsq_plus" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, relu = self._take_relu(x, kernels_fold=self.method != "pact")
         if self.observer_enabled or not self.initialized:
-            self.observer(x)
+            self.observer(torch.relu(x) if relu else x)
             self._stale = True
         if self._stale and (self.fake_quant_enabled or not self.observer_enabled):
             self.reinitialize_from_observer()
@@ -147,7 +165,7 @@ class LearnableFakeQuantize(QuantizerBase):
             return x
         if self.method == "pact":
             return pact_fake_quantize(x, self.alpha, self.spec)
-        return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec)
+        return lsq_fake_quantize(x, self.scale, self.zero_point, self.spec, relu=relu)
 
     def reinitialize_from_observer(self) -> None:
         """Set the learned range from the observer's current statistics (e.g. after a DDP merge)."""

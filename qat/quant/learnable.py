@@ -110,16 +110,20 @@ def lsq_fake_quantize(
     zero_point: torch.Tensor | None,
     spec: QuantSpec,
     grad_scale: float | None = None,
+    relu: bool = False,
 ) -> torch.Tensor:
     """LSQ fake-quant with a learnable `scale` (reduced shape) and optional learnable float `zero_point`.
 
     On CUDA (per-tensor / per-channel) the fused Triton kernels compute the same values and gradients.
+    `relu`: fake-quantize relu(x) (folded into the Triton kernels).
     """
     g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
     if triton_applies(x, spec):
         from qat.quant import triton_fake_quant
 
-        return triton_fake_quant.lsq_fake_quantize(x, scale, zero_point, spec, g)
+        return triton_fake_quant.lsq_fake_quantize(x, scale, zero_point, spec, g, relu)
+    if relu:
+        x = torch.relu(x)
     xg = _as_grid(x.float(), spec)
     s = broadcastable(torch.clamp(scale.float(), min=SCALE_EPS), xg, spec)
     if zero_point is None:

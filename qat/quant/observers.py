@@ -55,8 +55,9 @@ class Observer(ShapeFromStateDict):
     def observe(self, x: torch.Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement observe()")
 
-    def observe_into_qparams(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> bool:
-        """Observe `x` and write the new qparams into `scale` / `zero_point` in place, fused: on CUDA, for an
+    def observe_into_qparams(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                             relu: bool = False) -> bool:
+        """Observe `x` (`relu`: relu(x), without computing it) and write the new qparams into `scale` / `zero_point` in place, fused: on CUDA, for an
         observer with a running rule whose buffers already have their shapes, one min/max reduction and one
         Triton kernel (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere:
         the caller observes and computes the qparams the plain way."""
@@ -69,7 +70,7 @@ class Observer(ShapeFromStateDict):
         from qat.quant.triton_observers import update_range_and_qparams
 
         lo, hi = reduced_aminmax(x.detach(), self.spec)
-        update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec, *rule)
+        update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec, *rule, relu)
         return True
 
     def running_rule(self) -> tuple[RunningRule, float] | None:

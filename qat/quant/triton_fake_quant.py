@@ -7,7 +7,8 @@ input dtype (bf16 under autocast is read and written as bf16, never copied to fl
     s = scale (LSQ: max(scale, eps))   z = zero_point (LSQ+: round(clamp(zero_point, qmin, qmax)))
     codes = round_half_even(x * (1 / s)) + z        y = (clamp(codes, qmin, qmax) - z) * s
 
-The forward reads x once and writes y once; autograd keeps x (already alive in a network: the producer's
+With ``relu`` the input is max(x, 0) and the gradient to x is also zero where x <= 0 (a ReLU before the
+fake-quant folded into it: no ReLU pass forward or backward). The forward reads x once and writes y once; autograd keeps x (already alive in a network: the producer's
 output) instead of a mask. The backward reads grad and x once and writes grad_x once; for LSQ / LSQ+ it
 also writes one partial sum of the scale (and zero point) gradient per block, summed by one small torch
 reduction: no float32 copies, no host synchronisation.
@@ -73,10 +74,12 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
 
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
-                    LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK: tl.constexpr):
+                    LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
     row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    if RELU:  # NaN stays NaN, as with torch.relu
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     codes = round_half_even(x * inv_s) + z
     # NaN stays NaN, as with torch.clamp (the hardware min/max would drop it)
     clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
@@ -88,19 +91,25 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_v
 @triton.jit
 def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_ptr, row_len, rows, n_blocks,
                      zero_value, qmin, qmax, eps, grad_scale, LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """grad_x = grad * (code in range). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
+                     RELU: tl.constexpr, SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """grad_x = grad * (code in range) (RELU: and x > 0, as torch.relu's gradient). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
     zero-point gradient (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, block]."""
     row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    live = x > 0.0
+    if RELU:
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     v = x * inv_s
     rounded = round_half_even(v)
     codes = rounded + z
     below, above = codes < qmin, codes > qmax
     inside = (codes >= qmin) & (codes <= qmax)
-    tl.store(grad_x_ptr + base + offs, (g * inside.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
+    passes = inside
+    if RELU:
+        passes = passes & live
+    tl.store(grad_x_ptr + base + offs, (g * passes.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
     partial_at = partial_ptr + row.to(tl.int64) * n_blocks + block
     if SCALE_GRAD:
         d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
@@ -120,6 +129,7 @@ class _Grid:
     learned: bool  # LSQ clamps on scale and zero point
     zero_value: float  # the zero point when no zero-point tensor is given
     grad_scale: float  # LSQ's gradient scale (unused for the plain clipped STE)
+    relu: bool = False  # a ReLU folded in before the fake-quant
 
 
 def _block(row_len: int) -> int:
@@ -139,7 +149,7 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
     _forward_kernel[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, row_len, n_blocks, grid.zero_value,
         float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
+        RELU=grid.relu, BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
     return y
 
@@ -155,7 +165,7 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     _backward_kernel[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
-        LEARNED=grid.learned, HAS_ZERO=zero_point is not None, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
+        LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
         BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
     sums = partials.sum(dim=-1) if scale_grad or zero_grad else None  # (2, rows, blocks) -> (2, rows)
@@ -209,9 +219,9 @@ def _fused(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec,
 
 
 @functools.lru_cache(maxsize=None)
-def _grid(spec: QuantSpec, learned: bool, grad_scale: float) -> _Grid:
+def _grid(spec: QuantSpec, learned: bool, grad_scale: float, relu: bool) -> _Grid:
     zero_value = float(spec.fixed_zero_point) if learned else 0.0
-    return _Grid(spec.qmin, spec.qmax, learned=learned, zero_value=zero_value, grad_scale=grad_scale)
+    return _Grid(spec.qmin, spec.qmax, learned=learned, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
 
 
 def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -222,13 +232,14 @@ def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.detach().to(dtype).reshape(-1)
 
 
-def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec) -> Tensor:
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, spec: QuantSpec, relu: bool = False) -> Tensor:
     """Fused :func:`qat.quant.affine.fake_quantize` (per-tensor / per-channel; no gradient to the qparams)."""
-    grid = _grid(spec, False, 0.0)
+    grid = _grid(spec, False, 0.0, relu)
     return _fused(x, _as_rows(scale, torch.float32), _as_rows(zero_point, torch.int32), spec, grid)
 
 
-def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, grad_scale: float) -> Tensor:
+def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec, grad_scale: float,
+                      relu: bool = False) -> Tensor:
     """Fused :func:`qat.quant.learnable.lsq_fake_quantize`: gradients to x, scale and (LSQ+) zero_point."""
     zero = None if zero_point is None else zero_point.reshape(-1)
-    return _fused(x, scale.reshape(-1), zero, spec, _grid(spec, True, float(grad_scale)))
+    return _fused(x, scale.reshape(-1), zero, spec, _grid(spec, True, float(grad_scale), relu))

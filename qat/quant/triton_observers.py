@@ -39,12 +39,15 @@ def _per_steps(span, steps, RECIPROCAL: tl.constexpr):
 
 @triton.jit
 def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr, zero_ptr, rows, momentum,
-                         qmin, qmax, steps, eps, fixed_zero,
-                         RULE: tl.constexpr, SYMMETRIC: tl.constexpr, RECIPROCAL: tl.constexpr, BLOCK: tl.constexpr):
+                         qmin, qmax, steps, eps, fixed_zero, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
+                         RECIPROCAL: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < rows
     lo = tl.load(batch_lo_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     hi = tl.load(batch_hi_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if RELU:  # the batch range of relu(x) from that of x
+        lo = tl.maximum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
     old_lo = tl.load(min_ptr + offs, mask=valid, other=0.0)
     old_hi = tl.load(max_ptr + offs, mask=valid, other=0.0)
     if RULE == 0:
@@ -75,10 +78,12 @@ def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr
 
 
 def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
-                             zero_point: Tensor, spec: QuantSpec, rule: RunningRule, momentum: float) -> None:
+                             zero_point: Tensor, spec: QuantSpec, rule: RunningRule, momentum: float,
+                             relu: bool = False) -> None:
     """In place: the running range (min_val, max_val: float32) takes in the batch range (any float dtype) by
     `rule` (EMA weight `momentum`), and scale (float32) / zero_point (int32) become its qparams.
-    Every tensor holds the spec's reduced shape, contiguous."""
+    Every tensor holds the spec's reduced shape, contiguous. `relu`: the batch range is that of x, the
+    range observed is relu(x)'s (both ends clamped at 0)."""
     rows = min_val.numel()
     steps = range_steps(spec)
     if batch_lo.is_cuda:  # torch's reciprocal: 1 / steps divided in float32
@@ -87,5 +92,5 @@ def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor
         batch_lo, batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
         float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
         float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
-        BLOCK=_BLOCK, **NO_FMA,
+        RELU=relu, BLOCK=_BLOCK, **NO_FMA,
     )

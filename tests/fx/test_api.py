@@ -9,7 +9,7 @@ from torch import nn
 
 from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, check_finite, coverage,
                     enable_fake_quant, enable_observer, explain, prepare)
-from qat.fx.modules import QConv, QLinear
+from qat.fx.modules import QConv, QLinear, unfold_relus
 from qat.quant.fake_quantize import LearnableFakeQuantize
 
 
@@ -195,3 +195,52 @@ def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer
     modules = dict(model.named_modules())
     graph = {n.name: n for n in model.graph.nodes}
     assert graph["a"].args[0] is graph["b"].args[0] and modules[graph["a"].args[0].target].spec.bits == 4
+
+
+
+def test_layer_relus_move_into_their_output_quantizers():
+    """Each conv-bn-relu whose only reader is its output quantizer hands the ReLU to it (ResNet-18: the stem
+    and every block's first conv; the blocks' last ReLUs follow the residual add)."""
+    prepared = prepare(torchvision.models.resnet18(num_classes=10).eval(), QuantConfig.preset("w8a8"),
+                       (torch.randn(1, 3, 32, 32),))
+    folded = [name for name, m in prepared.named_modules() if isinstance(m, QConv) and m.activation_in_output_quantizer]
+    assert sorted(folded) == sorted(["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)])
+    assert sum(getattr(m, "applies_relu", False) for m in prepared.modules()) == len(folded)
+    unfold_relus(prepared)
+    assert not any(getattr(m, "applies_relu", False) or getattr(m, "activation_in_output_quantizer", False)
+                   for m in prepared.modules())
+
+
+class ConvBnReluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head((self.b(y) + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
+def test_relus_in_quantizers_change_no_value_or_gradient(request, fused, preset):
+    """The model computes the same outputs and gradients with its ReLUs in the quantizers as with every ReLU
+    in its layer (unfold_relus, the form convert starts from), on the torch path and on the fused kernels."""
+    if fused:
+        request.getfixturevalue("triton_on_cpu")
+    x = torch.randn(4, 3, 8, 8)
+    prepared = prepare(ConvBnReluNet().eval(), QuantConfig.preset(preset), (x,))
+    assert all(prepared.get_submodule(f"{n}.0").activation_in_output_quantizer for n in "ab")
+    unfolded = copy.deepcopy(prepared)
+    unfold_relus(unfolded)
+    results = []
+    for model in (prepared, unfolded):
+        calibrate(model, [x], freeze=preset != "w8a8")
+        y = model.train()(x)
+        y.square().sum().backward()
+        layer = model.get_submodule("b.0")
+        results.append((y, model.get_submodule("a.0").weight.grad, layer.bn.weight.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -163,3 +163,36 @@ def test_training_steps_fused_match_reference(triton_on_cpu, preset):
     # float32 on the CPU: equal up to the summation order of LSQ's scale gradients; bf16 convs on CUDA drift more
     rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("learned", [False, True], ids=["fixed", "lsq_plus"])
+def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
+    """relu=True: the values and every gradient of torch.relu followed by the fake-quant (exact zeros and
+    NaN included: relu's gradient is zero at 0, NaN stays NaN)."""
+    spec = QuantSpec(bits=4 if learned else 8, signed=False)
+    scale = torch.tensor(0.05)
+    x = _input((4, 3, 6, 7), scale, spec, dtype) * (0.1 if learned else 0.01)
+    zeros = (torch.arange(x.numel()) < 20).reshape(x.shape).to(DEVICE)
+    nan = (torch.arange(x.numel()) == 25).reshape(x.shape).to(DEVICE)
+    x = torch.where(zeros, 0.0, torch.where(nan, float("nan"), x)).to(dtype)
+    scale = scale.to(DEVICE)
+    zero = torch.tensor(2.6, device=DEVICE) if learned else torch.tensor(3, device=DEVICE, dtype=torch.int32)
+    results = {}
+    for folded in (True, False):
+        xl, sl, zl = _leaf(x), _leaf(scale, learned), _leaf(zero, learned)
+        if learned:
+            args = (xl, sl, zl, spec, 0.3)
+            y = fused_module.lsq_fake_quantize(*args, relu=True) if folded else fused_module.lsq_fake_quantize(
+                torch.relu(xl), *args[1:])
+        else:
+            y = fused_module.fake_quantize(xl, sl, zl, spec, relu=True) if folded else fused_module.fake_quantize(
+                torch.relu(xl), sl, zl, spec)
+        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape).to(dtype))
+        results[folded] = (y, xl.grad, sl.grad, zl.grad)
+    (y, gx, gs, gz), (y_ref, gx_ref, gs_ref, gz_ref) = results[True], results[False]
+    torch.testing.assert_close(y, y_ref, equal_nan=True, rtol=0, atol=0)
+    assert bool(torch.isnan(y[nan]).all()) and torch.equal(gx, gx_ref)
+    assert int((x < 0).sum()) > 0 and bool((gx[zeros] == 0).all()) and bool((gx[x > 0] != 0).any())
+    if learned:
+        assert torch.equal(gs, gs_ref) and torch.equal(gz, gz_ref)  # the same partial sums in the same order

@@ -71,3 +71,27 @@ def test_fused_observer_off_without_history_or_with_other_shapes(triton_on_cpu):
     fq(torch.randn(4, 3, device=DEVICE))  # plain path: buffers take shape (4,)
     assert not fq.observer.observe_into_qparams(torch.randn(5, 3, device=DEVICE), fq.scale, fq.zero_point)
     assert fq.observer.observe_into_qparams(torch.randn(4, 3, device=DEVICE), fq.scale, fq.zero_point)
+
+
+@pytest.mark.parametrize("observer", OBSERVERS.values(), ids=OBSERVERS.keys())
+@pytest.mark.parametrize("spec", [SPECS["u8_tensor"], SPECS["u4_ch1"]], ids=["u8_tensor", "u4_ch1"])
+def test_quantizer_applying_relu_equals_relu_then_quantizer(triton_on_cpu, spec, observer):
+    """applies_relu, folded into the fused observer and fake-quant kernels, equals a separate torch.relu:
+    the range observed is relu(x)'s, outputs and input gradients equal."""
+    folded, plain = FakeQuantize(spec, observer(spec)).to(DEVICE), FakeQuantize(spec, observer(spec)).to(DEVICE)
+    folded.applies_relu = True
+    for x in _batches(torch.float32):
+        x_folded, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_folded = folded(x_folded)
+        with fused_kernels(False):
+            y_plain = plain(torch.relu(x_plain))
+        assert torch.equal(folded.observer.min_val, plain.observer.min_val) or observer is not MinMaxObserver
+        torch.testing.assert_close(folded.observer.max_val, plain.observer.max_val, rtol=1e-6, atol=0)
+        assert float(folded.observer.min_val.min()) >= 0.0  # relu(x)'s range, not x's
+        torch.testing.assert_close(y_folded, y_plain, rtol=0, atol=float(plain.scale.max()) * 1.01)
+        y_folded.backward(torch.ones_like(y_folded))
+        y_plain.backward(torch.ones_like(y_plain))
+        assert torch.equal(x_folded.grad, x_plain.grad)
+    folded.disable_fake_quant()
+    x = _batches(torch.float32)[0]
+    assert torch.equal(folded(x), torch.relu(x))  # fake-quant off: the ReLU still applies
