@@ -17,6 +17,8 @@ True
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,58 +36,65 @@ FUSED_ACTIVATIONS = {
 CONV_FUNCTIONS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
 
-def _batchnorm_kernels(y: torch.Tensor) -> bool:
-    """Eager CUDA: BatchNorm's own normalise kernel; elsewhere (CPU, torch.compile) torch ops."""
-    return y.is_cuda and not torch.compiler.is_compiling()
+@dataclass(frozen=True)
+class _RunningStats:
+    """A BatchNorm's running statistics (float32, updated in place) and what updating them from the batch
+    statistics of y_scaled = (y - conv_bias) * factor needs."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    momentum: float
+    conv_bias: torch.Tensor | None
+
+    def update(self, mean_s: torch.Tensor, var_s: torch.Tensor, factor: torch.Tensor, count: int) -> None:
+        """Torch ops (CPU, torch.compile); on CUDA ``qat.fx.triton_batchnorm`` computes the same in one launch."""
+        with torch.no_grad():
+            inv_factor = factor.detach().reciprocal()
+            bias = self.conv_bias
+            mean_y = mean_s * inv_factor if bias is None else torch.addcmul(bias.detach(), mean_s, inv_factor)
+            self.mean.lerp_(mean_y, self.momentum)
+            self.var.lerp_(var_s * inv_factor.square_().mul_(count / max(count - 1, 1)), self.momentum)
 
 
-def _batch_mean_var(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (dim 1) batch mean and biased variance of y, float32 (C,) each, by BatchNorm's own
-    statistics kernels (channels_last aware; on the CPU an order of magnitude faster than var_mean)."""
-    if torch.compiler.is_compiling():  # plain ops, which the compiler fuses
-        var, mean = torch.var_mean(y.float(), dim=[d for d in range(y.dim()) if d != 1], correction=0)
-        return mean, var
-    if y.is_cuda:
-        mean, invstd = torch.batch_norm_stats(y, 0.0)
-        return mean, torch.where(invstd > 0, invstd.pow(-2), 0.0)  # eps 0: a constant channel reports 0
-    return torch.batch_norm_update_stats(y.float(), None, None, 0.0)  # (mean, biased variance)
-
-
-def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
-    """(y - mean) * invstd * weight + bias per channel (dim 1), in y's dtype and memory format."""
-    if _batchnorm_kernels(y):
-        return torch.batch_norm_elemt(y, weight, bias, mean, invstd, 0.0)
-    scale = invstd if weight is None else invstd * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    shape = [1, -1] + [1] * (y.dim() - 2)
-    return torch.addcmul(shift.reshape(shape), y, scale.reshape(shape)).to(y.dtype)  # (C,) -> (1, C, 1, ..)
+def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.reshape([1, -1] + [1] * (like.dim() - 2))  # (C,) -> (1, C, 1, ..)
 
 
 class _BatchNormOfScaled(torch.autograd.Function):
     """BatchNorm (batch statistics) of y = y_scaled / |factor|, computed from y_scaled: per channel,
-    (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2). Forward: one
-    statistics pass and one normalising pass over y_scaled; backward: BatchNorm's own, plus the gradient
-    to `factor` through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values.
-    That term cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small
-    only where var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row with few
-    non-zero codes), so it is kept. Returns (out, mean_s, var_s), the batch statistics of y_scaled (float32, for the
-    running statistics)."""
+    (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2), updating the
+    running statistics with y's. Forward: one statistics pass and one normalising pass over y_scaled
+    (on CUDA BatchNorm's own kernels, with one Triton launch for the per-channel arithmetic; on the CPU
+    BatchNorm's statistics kernel and one addcmul); backward: BatchNorm's own, plus the gradient to `factor`
+    through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values. That term
+    cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small only where
+    var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row with few non-zero
+    codes), so it is kept. Eager mode only: torch.compile takes :func:`_bn_of_scaled_traced`."""
 
     @staticmethod
-    def forward(ctx, y_scaled, weight, bias, factor, eps: float):
-        mean, var = _batch_mean_var(y_scaled)
-        invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
+    def forward(ctx, y_scaled, weight, bias, factor, eps: float, running: _RunningStats):
+        count = y_scaled.numel() // y_scaled.shape[1]
+        if y_scaled.is_cuda:
+            from qat.fx.triton_batchnorm import finish_batch_stats
+
+            mean, invstd0 = torch.batch_norm_stats(y_scaled, 0.0)  # eps 0: a constant channel reports 0
+            invstd = finish_batch_stats(mean, invstd0, factor, eps, running.mean, running.var, running.conv_bias,
+                                        running.momentum, count)
+            out = torch.batch_norm_elemt(y_scaled, weight, bias, mean, invstd, 0.0)
+        else:  # BatchNorm's statistics kernel: channels_last aware, an order of magnitude faster than var_mean
+            mean, var = torch.batch_norm_update_stats(y_scaled.float(), None, None, 0.0)  # (mean, biased var)
+            invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
+            running.update(mean, var, factor, count)
+            scale = invstd if weight is None else invstd * weight
+            shift = -mean * scale if bias is None else bias - mean * scale
+            out = torch.addcmul(_channel_view(shift, y_scaled), y_scaled, _channel_view(scale, y_scaled)).to(y_scaled.dtype)
         ctx.save_for_backward(y_scaled, weight, mean, invstd, factor)
         ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # no zero gradients built for mean and var
-        return _normalize(y_scaled, weight, bias, mean, invstd), mean, var
+        return out
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var):
+    def backward(ctx, grad):
         y_scaled, weight, mean, invstd, factor = ctx.saved_tensors
-        if grad is None:
-            return None, None, None, None, None
         factor_grad = ctx.needs_input_grad[3]
         wanted = [ctx.needs_input_grad[0], weight is not None and (ctx.needs_input_grad[1] or factor_grad),
                   ctx.needs_input_grad[2]]
@@ -97,7 +106,19 @@ class _BatchNormOfScaled(torch.autograd.Function):
         if factor_grad and weight is not None:  # d out / d invstd * d invstd / d f, summed per channel
             grad_factor = grad_weight * weight * factor * invstd.square() * -ctx.eps
         grad_weight = grad_weight if ctx.needs_input_grad[1] else None
-        return grad_y, grad_weight, grad_bias, grad_factor, None
+        return grad_y, grad_weight, grad_bias, grad_factor, None, None
+
+
+def _bn_of_scaled_traced(y_scaled, weight, bias, factor, eps: float, running: _RunningStats) -> torch.Tensor:
+    """:class:`_BatchNormOfScaled` as plain differentiable ops, which torch.compile fuses (autograd derives
+    the same gradients, the eps term included)."""
+    dims = [d for d in range(y_scaled.dim()) if d != 1]
+    var, mean = torch.var_mean(y_scaled.float(), dim=dims, correction=0)
+    running.update(mean.detach(), var.detach(), factor, y_scaled.numel() // y_scaled.shape[1])
+    scale = torch.rsqrt(var + eps * factor * factor)
+    scale = scale if weight is None else scale * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return torch.addcmul(_channel_view(shift, y_scaled), y_scaled, _channel_view(scale, y_scaled)).to(y_scaled.dtype)
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -177,15 +198,11 @@ class QuantizedWeightModule(nn.Module):
         factor = factor * bn.weight if bn.weight is not None else factor
         y_scaled = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
         gamma = bn.weight.abs() if bn.weight is not None else None  # y_scaled / |f| has y's sign: f has gamma's
-        out, mean_s, var_s = _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor, bn.eps)
-        with torch.no_grad():
-            count = y_scaled.numel() // y_scaled.shape[1]
-            inv_factor = factor.detach().reciprocal()
-            mean_y = mean_s * inv_factor if self.bias is None else torch.addcmul(self.bias, mean_s, inv_factor)
-            momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
-            bn.running_mean.lerp_(mean_y, momentum)
-            bn.running_var.lerp_(var_s * inv_factor.square_().mul_(count / max(count - 1, 1)), momentum)
-        return out
+        momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
+        running = _RunningStats(bn.running_mean, bn.running_var, momentum, self.bias)
+        if torch.compiler.is_compiling():
+            return _bn_of_scaled_traced(y_scaled, gamma, bn.bias, factor, bn.eps, running)
+        return _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor, bn.eps, running)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fq is not None:
