@@ -195,7 +195,7 @@ def profile(name: str, step: Callable[[], None], device: torch.device, steps: in
         print(f"\n### {name}: top kernels (GPU time) over {steps} steps\n")
         print(averages.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
     print(f"\n### {name}: top host-side ops (CPU time) over {steps} steps\n")
-    print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
 
 
 def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
