@@ -57,20 +57,26 @@ class Observer(ShapeFromStateDict):
 
     def observe_into_qparams(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                              relu: bool = False) -> bool:
-        """Observe `x` (`relu`: relu(x), without computing it) and write the new qparams into `scale` / `zero_point` in place, fused: on CUDA, for an
-        observer with a running rule whose buffers already have their shapes, one min/max reduction and one
-        Triton kernel (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere:
-        the caller observes and computes the qparams the plain way."""
+        """Observe `x` (`relu`: relu(x), without computing it) and write the new qparams into `scale` /
+        `zero_point` in place, fused: on CUDA, for an observer with a running rule whose buffers already have
+        their shapes, one min/max reduction (per-tensor: a Triton pass) and one Triton kernel
+        (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere: the caller
+        observes and computes the qparams the plain way."""
         rule = self.running_rule()
         if rule is None or not self.has_data or not x.numel() or not triton_applies(x, self.spec):
             return False
         reduced = () if self.spec.granularity is Granularity.PER_TENSOR else (x.shape[self.spec.axis],)
         if not self.min_val.shape == scale.shape == zero_point.shape == reduced:
             return False
-        from qat.quant.triton_observers import update_range_and_qparams
+        from qat.quant import triton_observers
 
-        lo, hi = reduced_aminmax(x.detach(), self.spec)
-        update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec, *rule, relu)
+        x = x.detach()
+        if not reduced and _dense(x) and x.numel() < triton_observers.MAX_NUMEL:
+            lo, hi = triton_observers.tensor_minmax_partials(x), None
+        else:
+            lo, hi = reduced_aminmax(x, self.spec)
+        triton_observers.update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec,
+                                                  *rule, relu)
         return True
 
     def running_rule(self) -> tuple[RunningRule, float] | None:
@@ -100,6 +106,14 @@ class Observer(ShapeFromStateDict):
 
     def extra_repr(self) -> str:
         return self.spec.short()
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill its storage without gaps (contiguous or channels_last): readable as a flat array."""
+    if x.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
 
 
 def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:

@@ -7,7 +7,9 @@ kernel launch and a host-side dispatch. This kernel does all of it on the (rows,
     running' = min/max(running, batch)  or  running + m (batch - running)     (the observer's rule)
     scale, zero_point = qparams_from_minmax(running')                          (the same float32 arithmetic)
 
-and writes running', scale and zero_point into the buffers in place. NaN/Inf propagate into the running
+and writes running', scale and zero_point into the buffers in place. For a per-tensor range the batch's
+min/max comes from :func:`tensor_minmax_partials` (one pass at the copy bandwidth, twice torch.aminmax's on
+bfloat16 activations), whose per-program partials this kernel reduces: two launches per observed tensor. NaN/Inf propagate into the running
 range as with the torch ops, where ``Observer.check_finite`` reports them. Bit for bit the torch ops'
 results: torch divides a CUDA tensor by a Python number by multiplying with the number's float32 reciprocal
 (a CPU tensor by a correctly rounded division), so the kernel does what torch does on the tensors' device.
@@ -16,6 +18,7 @@ Imported lazily for CUDA tensors; tests run it on the CPU with ``TRITON_INTERPRE
 from __future__ import annotations
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -26,6 +29,47 @@ from qat.quant.spec import QuantSpec
 from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 
 _BLOCK = 1024
+_MINMAX_BLOCK = 4096  # elements per program and loop step
+MAX_PARTIALS = 1024  # programs of the min/max pass: its partials are reduced in one block by the update kernel
+MAX_NUMEL = 2**31 - _MINMAX_BLOCK * MAX_PARTIALS  # int32 offsets in the min/max pass
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _partial_minmax_kernel(x_ptr, partial_ptr, numel, programs, BLOCK: tl.constexpr):
+    """Program p: min and max (NaN wins, as in torch.aminmax) of blocks p, p + programs, ... of flat x into
+    partial[p] and partial[programs + p]."""
+    pid = tl.program_id(0)
+    lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    hi = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for start in range(pid * BLOCK, numel, programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < numel
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        lo = _min_nan(lo, tl.where(inside, x, float("inf")))
+        hi = _max_nan(hi, tl.where(inside, x, float("-inf")))
+    tl.store(partial_ptr + pid, tl.reduce(lo, 0, _min_nan))
+    tl.store(partial_ptr + programs + pid, tl.reduce(hi, 0, _max_nan))
+
+
+@triton.jit
+def _reduce_partials(partial_ptr, n_partials, BLOCK: tl.constexpr, PARTIALS: tl.constexpr):
+    """The batch (min, max) from the min/max pass's partials, broadcast to (BLOCK,)."""
+    offs = tl.arange(0, PARTIALS)
+    valid = offs < n_partials
+    lo = tl.reduce(tl.load(partial_ptr + offs, mask=valid, other=float("inf")), 0, _min_nan)
+    hi = tl.reduce(tl.load(partial_ptr + n_partials + offs, mask=valid, other=float("-inf")), 0, _max_nan)
+    zeros = tl.zeros((BLOCK,), tl.float32)
+    return zeros + lo, zeros + hi
 
 
 @triton.jit
@@ -39,12 +83,16 @@ def _per_steps(span, steps, RECIPROCAL: tl.constexpr):
 
 @triton.jit
 def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr, zero_ptr, rows, momentum,
-                         qmin, qmax, steps, eps, fixed_zero, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
-                         RECIPROCAL: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                         qmin, qmax, steps, eps, fixed_zero, n_partials, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
+                         RECIPROCAL: tl.constexpr, RELU: tl.constexpr, PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
+    """PARTIALS > 0: the batch range (one row) is reduced from n_partials min/max pass partials at batch_lo_ptr."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < rows
-    lo = tl.load(batch_lo_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    hi = tl.load(batch_hi_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if PARTIALS > 0:
+        lo, hi = _reduce_partials(batch_lo_ptr, n_partials, BLOCK, PARTIALS)
+    else:
+        lo = tl.load(batch_lo_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        hi = tl.load(batch_hi_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     if RELU:  # the batch range of relu(x) from that of x
         lo = tl.maximum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
         hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -77,20 +125,31 @@ def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr
     tl.store(zero_ptr + offs, zero.to(tl.int32), mask=valid)
 
 
-def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor, min_val: Tensor, max_val: Tensor, scale: Tensor,
-                             zero_point: Tensor, spec: QuantSpec, rule: RunningRule, momentum: float,
+def tensor_minmax_partials(x: Tensor) -> Tensor:
+    """Per-program (min, max) partials (float32, (2, programs) flat) of a dense x with fewer than MAX_NUMEL
+    elements, in any memory order; :func:`update_range_and_qparams` reduces them."""
+    programs = max(1, min(MAX_PARTIALS, triton.cdiv(x.numel(), _MINMAX_BLOCK)))
+    partials = torch.empty(2 * programs, device=x.device, dtype=torch.float32)
+    _partial_minmax_kernel[(programs,)](x, partials, x.numel(), programs, BLOCK=_MINMAX_BLOCK, num_warps=8)
+    return partials
+
+
+def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor | None, min_val: Tensor, max_val: Tensor,
+                             scale: Tensor, zero_point: Tensor, spec: QuantSpec, rule: RunningRule, momentum: float,
                              relu: bool = False) -> None:
     """In place: the running range (min_val, max_val: float32) takes in the batch range (any float dtype) by
     `rule` (EMA weight `momentum`), and scale (float32) / zero_point (int32) become its qparams.
-    Every tensor holds the spec's reduced shape, contiguous. `relu`: the batch range is that of x, the
+    Every tensor holds the spec's reduced shape, contiguous; or batch_hi is None and batch_lo holds the
+    partials of :func:`tensor_minmax_partials` (per-tensor). `relu`: the batch range is that of x, the
     range observed is relu(x)'s (both ends clamped at 0)."""
     rows = min_val.numel()
+    n_partials = batch_lo.numel() // 2 if batch_hi is None else 0
     steps = range_steps(spec)
     if batch_lo.is_cuda:  # torch's reciprocal: 1 / steps divided in float32
         steps = float(np.float32(1.0) / np.float32(steps))
     _update_range_kernel[(triton.cdiv(rows, _BLOCK),)](
-        batch_lo, batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
+        batch_lo, batch_lo if batch_hi is None else batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
         float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
-        float(spec.fixed_zero_point), RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
-        RELU=relu, BLOCK=_BLOCK, **NO_FMA,
+        float(spec.fixed_zero_point), n_partials, RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
+        RELU=relu, PARTIALS=triton.next_power_of_2(n_partials) if n_partials else 0, BLOCK=_BLOCK, **NO_FMA,
     )

@@ -95,3 +95,27 @@ def test_quantizer_applying_relu_equals_relu_then_quantizer(triton_on_cpu, spec,
     folded.disable_fake_quant()
     x = _batches(torch.float32)[0]
     assert torch.equal(folded(x), torch.relu(x))  # fake-quant off: the ReLU still applies
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("programs", [1, 3, 4], ids=lambda p: f"{p}_programs")
+def test_per_tensor_min_max_pass_equals_aminmax(monkeypatch, fused_module, programs, dtype):
+    """The Triton min/max pass (programs looping over blocks, partials reduced by the update kernel) gives
+    torch.aminmax's range exactly, NaN included; small blocks here so that every program loops."""
+    from qat.quant import triton_observers
+
+    monkeypatch.setattr(triton_observers, "_MINMAX_BLOCK", 16)
+    monkeypatch.setattr(triton_observers, "MAX_PARTIALS", programs)
+    spec = SPECS["u8_tensor"]
+    x = (torch.randn(3, 5, 7, 11, device=DEVICE) * 4 + 1).to(dtype).contiguous(memory_format=torch.channels_last)
+    for batch in (x, torch.where(x > 6, float("nan"), x)):  # the second holds a NaN or more
+        partials = triton_observers.tensor_minmax_partials(batch)
+        assert partials.numel() == 2 * programs
+        min_val, max_val = torch.full((), float("inf"), device=DEVICE), torch.full((), float("-inf"), device=DEVICE)
+        scale, zero = torch.ones((), device=DEVICE), torch.zeros((), device=DEVICE, dtype=torch.int32)
+        triton_observers.update_range_and_qparams(partials, None, min_val, max_val, scale, zero, spec,
+                                                  *MinMaxObserver(spec).running_rule())
+        lo, hi = torch.aminmax(batch.float())
+        torch.testing.assert_close(min_val, lo, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(max_val, hi, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(min_val) and torch.isnan(max_val)
