@@ -8,10 +8,11 @@ input dtype (bf16 under autocast is read and written as bf16, never copied to fl
     codes = round_half_even(x * (1 / s)) + z        y = (clamp(codes, qmin, qmax) - z) * s
 
 With ``relu`` the input is max(x, 0) and the gradient to x is also zero where x <= 0 (a ReLU before the
-fake-quant folded into it: no ReLU pass forward or backward). The forward reads x once and writes y once; autograd keeps x (already alive in a network: the producer's
-output) instead of a mask. The backward reads grad and x once and writes grad_x once; for LSQ / LSQ+ it
-also writes one partial sum of the scale (and zero point) gradient per block, summed by one small torch
-reduction: no float32 copies, no host synchronisation.
+fake-quant folded into it: no ReLU pass forward or backward). With fixed qparams the forward reads x once and writes y once plus the gradient mask as bits (one byte per
+8 elements); autograd keeps the bits, not x, and the backward reads grad and the bits and writes grad_x (4.1
+bytes per bf16 element instead of 6). LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads
+grad and x once, writes grad_x once, and one partial sum of the scale (and zero point) gradient per block,
+summed by one small torch reduction: no float32 copies, no host synchronisation.
 
 A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
 contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is
@@ -73,11 +74,15 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
 
 
 @triton.jit
-def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
-                    LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
+                    LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, RELU: tl.constexpr, SAVE_BITS: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """SAVE_BITS: also the gradient mask (code in range, and x > 0 with RELU), bit j % 8 of byte j // 8 of
+    this program's BLOCK / 8 bytes at bits[program * BLOCK / 8]."""
     row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+    live = x > 0.0
     if RELU:  # NaN stays NaN, as with torch.relu
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     codes = round_half_even(x * inv_s) + z
@@ -86,6 +91,24 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, row_len, n_blocks, zero_v
                          propagate_nan=tl.PropagateNan.ALL)
     y = (clamped - z) * s
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inbounds)
+    if SAVE_BITS:
+        passes = (codes >= qmin) & (codes <= qmax)
+        if RELU:
+            passes = passes & live
+        bits = tl.reshape(passes.to(tl.int32), (BLOCK // 8, 8))  # element j -> (j // 8, j % 8)
+        packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
+        tl.store(bits_ptr + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8), packed)
+
+
+@triton.jit
+def _bits_backward_kernel(grad_ptr, bits_ptr, grad_x_ptr, row_len, n_blocks, BLOCK: tl.constexpr):
+    """grad_x = grad where the forward's saved bit is set, else 0."""
+    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
+    packed = tl.load(bits_ptr + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8))
+    bits = (packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    passes = tl.reshape(bits, (BLOCK,)) != 0
+    g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0)
+    tl.store(grad_x_ptr + base + offs, tl.where(passes, g, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
 
 
 @triton.jit
@@ -143,22 +166,53 @@ def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, int]:
     return row_len, block, triton.cdiv(row_len, block)
 
 
-def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
+def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
+             save_bits: bool) -> tuple[Tensor, Tensor | None]:
+    """(y, the gradient mask's bits or None)."""
     y = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows)
+    bits = torch.empty(rows * n_blocks * block // 8, device=x.device, dtype=torch.uint8) if save_bits else None
     _forward_kernel[(rows * n_blocks,)](
-        x, y, scale, zero_point if zero_point is not None else scale, row_len, n_blocks, grid.zero_value,
-        float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned, HAS_ZERO=zero_point is not None,
-        RELU=grid.relu, BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
+        x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
+        grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned,
+        HAS_ZERO=zero_point is not None, RELU=grid.relu, SAVE_BITS=save_bits, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
-    return y
+    return y, bits
+
+
+def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """grad in like's memory order: one flat index addresses both."""
+    return grad if grad.stride() == like.stride() else torch.empty_like(like).copy_(grad)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the backward needs of x when autograd keeps only its mask bits."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def empty(self) -> Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int) -> Tensor:
+    if grad.stride() != layout.stride:
+        grad = layout.empty().copy_(grad)  # x's memory order: one flat index addresses both
+    grad_x = layout.empty()
+    row_len, block, n_blocks = _launch_shape(grad_x, rows)
+    _bits_backward_kernel[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
+                                              num_warps=8 if block >= 2048 else 4)
+    return grad_x
 
 
 def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
               scale_grad: bool, zero_grad: bool) -> tuple[Tensor, Tensor | None]:
     """(grad_x, partial sums (2, rows) of the scale / zero-point gradients or None)."""
-    if grad.stride() != x.stride():
-        grad = torch.empty_like(x).copy_(grad)  # same memory order as x: one flat index addresses both
+    grad = _same_layout(grad, x)
     grad_x = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows)
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if scale_grad or zero_grad else grad_x
@@ -173,16 +227,25 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
 
 
 class _FusedFakeQuantize(torch.autograd.Function):
-    """Clipped-STE fake quantization (fixed qparams) or LSQ / LSQ+ (learned), on rows of a dense x."""
+    """Clipped-STE fake quantization (fixed qparams: backward from saved mask bits) or LSQ / LSQ+ (learned:
+    backward from x), on rows of a dense x."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, rows: int, grid: _Grid):
-        ctx.save_for_backward(x, scale, zero_point)
         ctx.rows, ctx.grid = rows, grid
-        return _forward(x, scale, zero_point, rows, grid)
+        y, bits = _forward(x, scale, zero_point, rows, grid, save_bits=not grid.learned)
+        if grid.learned:
+            ctx.save_for_backward(x, scale, zero_point)
+        else:
+            ctx.save_for_backward(bits)
+            ctx.layout = _Layout(x.shape, x.stride(), x.dtype, x.device)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.grid.learned:
+            (bits,) = ctx.saved_tensors
+            return _bits_backward(grad, bits, ctx.layout, ctx.rows), None, None, None, None
         x, scale, zero_point = ctx.saved_tensors
         scale_grad, zero_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x, sums = _backward(grad, x, scale, zero_point, ctx.rows, ctx.grid, scale_grad, zero_grad)

@@ -76,10 +76,10 @@ def test_fixed_qparams_match_reference(fused_module, name, dtype):
     _assert_same_output(y_fused, y_ref)
     if spec.axis != 1:  # channel rows contiguous in memory: no copy, channels_last in and out
         assert y_fused.stride() == x.stride()
-    grad = torch.randn_like(y_ref)
+    grad = torch.randn(y_ref.shape, device=DEVICE, dtype=dtype)  # contiguous, x channels_last: a copy in backward
     y_fused.backward(grad)
     y_ref.backward(grad)
-    assert torch.equal(x_fused.grad, x_ref.grad)
+    assert torch.equal(x_fused.grad, x_ref.grad) and x_fused.grad.stride() == x.stride()
     assert 0 < int((x_ref.grad == 0).sum()) < x.numel()  # the test clips some values and keeps others
 
 
