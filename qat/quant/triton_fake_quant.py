@@ -57,6 +57,15 @@ def _program_slice(row_len, n_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(row_len, n_blocks, BLOCK: tl.constexpr):
+    """Like _program_slice, with the offsets as a (BLOCK / 8, 8) tile: a row of 8 consecutive elements per
+    byte of the gradient mask's bits, packed and unpacked without reshapes."""
+    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
+    offs = block * BLOCK + tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    return row, offs, offs < row_len, row.to(tl.int64) * row_len
+
+
+@triton.jit
 def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
                  LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr):
     """(s, 1/s, z) of one row; LEARNED applies LSQ's clamps (scale >= eps, zero rounded into range)."""
@@ -79,7 +88,7 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_bloc
                     BLOCK: tl.constexpr):
     """SAVE_BITS: also the gradient mask (code in range, and x > 0 with RELU), bit j % 8 of byte j // 8 of
     this program's BLOCK / 8 bytes at bits[program * BLOCK / 8]."""
-    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
+    row, offs, inbounds, base = _program_tile(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     live = x > 0.0
@@ -95,18 +104,16 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_bloc
         passes = (codes >= qmin) & (codes <= qmax)
         if RELU:
             passes = passes & live
-        bits = tl.reshape(passes.to(tl.int32), (BLOCK // 8, 8))  # element j -> (j // 8, j % 8)
-        packed = tl.sum(bits << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
+        packed = tl.sum(passes.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
         tl.store(bits_ptr + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8), packed)
 
 
 @triton.jit
 def _bits_backward_kernel(grad_ptr, bits_ptr, grad_x_ptr, row_len, n_blocks, BLOCK: tl.constexpr):
     """grad_x = grad where the forward's saved bit is set, else 0."""
-    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
+    row, offs, inbounds, base = _program_tile(row_len, n_blocks, BLOCK)
     packed = tl.load(bits_ptr + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8))
-    bits = (packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1
-    passes = tl.reshape(bits, (BLOCK,)) != 0
+    passes = ((packed.to(tl.int32)[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0  # (BLOCK / 8, 8)
     g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0)
     tl.store(grad_x_ptr + base + offs, tl.where(passes, g, 0.0).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
 
