@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.quant import affine
 from qat.quant.config import QuantizerConfig
 from qat.quant.fake_quantize import QuantizerBase
 from qat.quant.spec import QuantSpec
@@ -127,6 +128,16 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _fused_weight_quant(quantizer: QuantizerBase, weight: torch.Tensor):
+    """``qat.fx.triton_folded_weight``'s view of the weight quantizer when its fused kernels serve this step
+    (eager CUDA, a supported quantizer state), else None."""
+    if not affine.triton_applies(weight, quantizer.spec) or weight.dim() < 2:
+        return None
+    from qat.fx.triton_folded_weight import weight_quant
+
+    return weight_quant(quantizer, weight)
+
+
 class QuantizedWeightModule(nn.Module):
     """Shared parts of QAT Conv/Linear: a weight quantizer, optional fused BN and activation, and an
     optional input quantizer (used when the module is swapped in eagerly, outside the FX graph)."""
@@ -194,9 +205,16 @@ class QuantizedWeightModule(nn.Module):
         The running statistics get y's batch mean and variance.
         """
         bn = self.bn
-        factor = torch.rsqrt(bn.running_var + bn.eps)  # autograd keeps the rsqrt result, not running_var
-        factor = factor * bn.weight if bn.weight is not None else factor
-        y_scaled = self._compute(x, self.weight_fq(self.weight * self._broadcast(factor)), None)
+        fused = _fused_weight_quant(self.weight_fq, self.weight)
+        if fused is not None:  # CUDA: one Triton launch each way for everything up to the conv's weight
+            from qat.fx.triton_folded_weight import folded_weight_fake_quantize
+
+            weight, factor = folded_weight_fake_quantize(self.weight, bn.weight, bn.running_var, bn.eps, fused)
+        else:
+            factor = torch.rsqrt(bn.running_var + bn.eps)  # autograd keeps the rsqrt result, not running_var
+            factor = factor * bn.weight if bn.weight is not None else factor
+            weight = self.weight_fq(self.weight * self._broadcast(factor))
+        y_scaled = self._compute(x, weight, None)
         gamma = bn.weight.abs() if bn.weight is not None else None  # y_scaled / |f| has y's sign: f has gamma's
         momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
         running = _RunningStats(bn.running_mean, bn.running_var, momentum, self.bias)

@@ -82,6 +82,35 @@ def _per_steps(span, steps, RECIPROCAL: tl.constexpr):
 
 
 @triton.jit
+def merge_range_into_qparams(lo, hi, old_lo, old_hi, momentum, qmin, qmax, steps, eps, fixed_zero,
+                             RULE: tl.constexpr, SYMMETRIC: tl.constexpr, RECIPROCAL: tl.constexpr):
+    """The running range (old_lo, old_hi) merged with a batch range by RULE, and its (scale, zero point) as
+    float32 values: (lo, hi, scale, zero), elementwise."""
+    if RULE == 0:
+        lo = tl.minimum(lo, old_lo, propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, old_hi, propagate_nan=tl.PropagateNan.ALL)
+    else:  # torch.lerp's formula: the weight below one half multiplies (end - start) from the start
+        if momentum < 0.5:
+            lo = old_lo + momentum * (lo - old_lo)
+            hi = old_hi + momentum * (hi - old_hi)
+        else:
+            lo = lo - (lo - old_lo) * (1.0 - momentum)
+            hi = hi - (hi - old_hi) * (1.0 - momentum)
+    # qparams_from_minmax: the range widened to contain 0, then the grid's step and zero point
+    lo0 = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    hi0 = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    if SYMMETRIC:
+        scale = _per_steps(tl.maximum(-lo0, hi0, propagate_nan=tl.PropagateNan.ALL), steps, RECIPROCAL)
+        scale = tl.maximum(scale, eps, propagate_nan=tl.PropagateNan.ALL)
+        zero = tl.zeros_like(scale) + fixed_zero
+    else:
+        scale = tl.maximum(_per_steps(hi0 - lo0, steps, RECIPROCAL), eps, propagate_nan=tl.PropagateNan.ALL)
+        zero = qmin - round_half_even(tl.div_rn(lo0, scale))
+        zero = tl.minimum(tl.maximum(zero, qmin), qmax)
+    return lo, hi, scale, zero
+
+
+@triton.jit
 def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr, zero_ptr, rows, momentum,
                          qmin, qmax, steps, eps, fixed_zero, n_partials, RULE: tl.constexpr, SYMMETRIC: tl.constexpr,
                          RECIPROCAL: tl.constexpr, RELU: tl.constexpr, PARTIALS: tl.constexpr, BLOCK: tl.constexpr):
@@ -98,31 +127,21 @@ def _update_range_kernel(batch_lo_ptr, batch_hi_ptr, min_ptr, max_ptr, scale_ptr
         hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
     old_lo = tl.load(min_ptr + offs, mask=valid, other=0.0)
     old_hi = tl.load(max_ptr + offs, mask=valid, other=0.0)
-    if RULE == 0:
-        lo = tl.minimum(lo, old_lo, propagate_nan=tl.PropagateNan.ALL)
-        hi = tl.maximum(hi, old_hi, propagate_nan=tl.PropagateNan.ALL)
-    else:  # torch.lerp's formula: the weight below one half multiplies (end - start) from the start
-        if momentum < 0.5:
-            lo = old_lo + momentum * (lo - old_lo)
-            hi = old_hi + momentum * (hi - old_hi)
-        else:
-            lo = lo - (lo - old_lo) * (1.0 - momentum)
-            hi = hi - (hi - old_hi) * (1.0 - momentum)
+    lo, hi, scale, zero = merge_range_into_qparams(lo, hi, old_lo, old_hi, momentum, qmin, qmax, steps, eps,
+                                                   fixed_zero, RULE, SYMMETRIC, RECIPROCAL)
     tl.store(min_ptr + offs, lo, mask=valid)
     tl.store(max_ptr + offs, hi, mask=valid)
-    # qparams_from_minmax: the range widened to contain 0, then the grid's step and zero point
-    lo = tl.minimum(lo, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    hi = tl.maximum(hi, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    if SYMMETRIC:
-        scale = _per_steps(tl.maximum(-lo, hi, propagate_nan=tl.PropagateNan.ALL), steps, RECIPROCAL)
-        scale = tl.maximum(scale, eps, propagate_nan=tl.PropagateNan.ALL)
-        zero = tl.zeros_like(scale) + fixed_zero
-    else:
-        scale = tl.maximum(_per_steps(hi - lo, steps, RECIPROCAL), eps, propagate_nan=tl.PropagateNan.ALL)
-        zero = qmin - round_half_even(tl.div_rn(lo, scale))
-        zero = tl.minimum(tl.maximum(zero, qmin), qmax)
     tl.store(scale_ptr + offs, scale, mask=valid)
     tl.store(zero_ptr + offs, zero.to(tl.int32), mask=valid)
+
+
+def device_steps(spec: QuantSpec, on_cuda: bool) -> tuple[float, bool]:
+    """(steps, RECIPROCAL) for the kernels: torch divides a CUDA tensor by a Python number through the
+    number's float32 reciprocal, a CPU tensor by a correctly rounded division."""
+    steps = range_steps(spec)
+    if on_cuda:
+        return float(np.float32(1.0) / np.float32(steps)), True
+    return steps, False
 
 
 def tensor_minmax_partials(x: Tensor) -> Tensor:
@@ -144,12 +163,10 @@ def update_range_and_qparams(batch_lo: Tensor, batch_hi: Tensor | None, min_val:
     range observed is relu(x)'s (both ends clamped at 0)."""
     rows = min_val.numel()
     n_partials = batch_lo.numel() // 2 if batch_hi is None else 0
-    steps = range_steps(spec)
-    if batch_lo.is_cuda:  # torch's reciprocal: 1 / steps divided in float32
-        steps = float(np.float32(1.0) / np.float32(steps))
+    steps, reciprocal = device_steps(spec, batch_lo.is_cuda)
     _update_range_kernel[(triton.cdiv(rows, _BLOCK),)](
         batch_lo, batch_lo if batch_hi is None else batch_hi, min_val, max_val, scale, zero_point, rows, float(momentum),
         float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
-        float(spec.fixed_zero_point), n_partials, RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=batch_lo.is_cuda,
+        float(spec.fixed_zero_point), n_partials, RULE=rule.value, SYMMETRIC=spec.symmetric, RECIPROCAL=reciprocal,
         RELU=relu, PARTIALS=triton.next_power_of_2(n_partials) if n_partials else 0, BLOCK=_BLOCK, **NO_FMA,
     )
