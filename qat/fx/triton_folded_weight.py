@@ -146,11 +146,18 @@ class WeightQuant:
         return self.quantizer.spec
 
 
+def _rows_dense(weight: Tensor) -> bool:
+    """Each output channel's elements fill one contiguous row of the storage (contiguous or channels_last;
+    the order inside a row does not matter to per-channel quantization)."""
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    return weight.is_contiguous() or channels_last
+
+
 def weight_quant(quantizer: QuantizerBase, weight: Tensor) -> WeightQuant | None:
     """The fused path's view of `quantizer` for `weight`, or None when the torch path must run (another
     spec or quantizer type, fake-quant off, the first observation that shapes the buffers, stale qparams)."""
     spec, channels = quantizer.spec, weight.shape[0]
-    if not (weight.dtype == torch.float32 and weight.is_contiguous()
+    if not (weight.dtype == torch.float32 and _rows_dense(weight)
             and quantizer.fake_quant_enabled and spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0
             and affine.triton_applies(weight, spec)):
         return None
@@ -177,7 +184,7 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, gamma, lsq_scale, running_var, eps: float, quant: WeightQuant, out_dtype):
         spec, channels = quant.spec, weight.shape[0]
-        y = torch.empty(weight.shape, device=weight.device, dtype=out_dtype)
+        y = torch.empty_like(weight, dtype=out_dtype)  # weight's memory format: the same flat rows
         factor = torch.empty(channels, device=weight.device, dtype=torch.float32)
         inv_std = torch.empty_like(factor)
         observer = quant.quantizer.observer if quant.mode is Mode.OBSERVE else None
@@ -207,8 +214,9 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         quant, spec, channels = ctx.quant, ctx.quant.spec, weight.shape[0]
         gamma_grad, scale_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_y is None:
-            grad_y = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-        grad_y = grad_y.contiguous()
+            grad_y = torch.zeros_like(weight)
+        if grad_y.stride() != weight.stride():
+            grad_y = torch.empty_like(weight, dtype=grad_y.dtype).copy_(grad_y)  # flat rows as the weight's
         grad_w = torch.empty_like(weight)
         grad_gamma = torch.empty_like(factor) if gamma_grad else None
         grad_scale = torch.empty(channels, device=weight.device, dtype=torch.float32) if scale_grad else None

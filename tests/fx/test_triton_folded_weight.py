@@ -27,7 +27,7 @@ CONFIGS = {
 
 def _layer(kind: str, cfg: QuantizerConfig):
     torch.manual_seed(0)
-    if kind == "conv":
+    if kind.startswith("conv"):
         float_layer, bn, x = nn.Conv2d(6, 5, 3, padding=1, bias=False), nn.BatchNorm2d(5), torch.randn(4, 6, 7, 7)
         layer = QConv.from_float(float_layer, cfg, bn, "relu")
     else:
@@ -36,14 +36,15 @@ def _layer(kind: str, cfg: QuantizerConfig):
     with torch.no_grad():
         bn.weight.uniform_(-1.5, 1.5)  # gamma of both signs
         bn.running_var.uniform_(0.5, 2.0)
-    layer = layer.to(DEVICE).train()
-    x = x.to(DEVICE)
+    memory_format = torch.channels_last if kind == "conv_channels_last" else torch.contiguous_format
+    layer = layer.to(DEVICE, memory_format=memory_format).train()
+    x = x.to(DEVICE, memory_format=memory_format)
     with fused_kernels(False):
         layer(x)  # the first observation shapes the buffers (torch path)
     return layer, x
 
 
-@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("kind", ["conv", "conv_channels_last", "linear"])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fused_weight_step_equals_torch_path(triton_on_cpu, name, kind):
     cfg, mode = CONFIGS[name]
@@ -54,6 +55,7 @@ def test_fused_weight_step_equals_torch_path(triton_on_cpu, name, kind):
         layer.weight_fq.disable_observer()
     fused, reference = copy.deepcopy(layer), copy.deepcopy(layer)
     assert _fused_weight_quant(fused.weight_fq, fused.weight).mode.name == mode
+    assert fused.weight.is_contiguous() == (kind != "conv_channels_last")
     for step in range(3):
         batch = x * (1 + step) + step * 0.1
         outputs = []
