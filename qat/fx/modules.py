@@ -57,8 +57,12 @@ class _RunningStats:
             self.var.lerp_(var_s * inv_factor.square_().mul_(count / max(count - 1, 1)), self.momentum)
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape([1, -1] + [1] * (like.dim() - 2))  # (C,) -> (1, C, 1, ..)
+def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """(y - mean) * invstd * weight + bias per channel (dim 1) as one addcmul, in y's dtype and memory format."""
+    scale = invstd if weight is None else invstd * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    shape = [1, -1] + [1] * (y.dim() - 2)
+    return torch.addcmul(shift.reshape(shape), y, scale.reshape(shape)).to(y.dtype)  # (C,) -> (1, C, 1, ..)
 
 
 class _BatchNormOfScaled(torch.autograd.Function):
@@ -86,9 +90,7 @@ class _BatchNormOfScaled(torch.autograd.Function):
             mean, var = torch.batch_norm_update_stats(y_scaled.float(), None, None, 0.0)  # (mean, biased var)
             invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
             running.update(mean, var, factor, count)
-            scale = invstd if weight is None else invstd * weight
-            shift = -mean * scale if bias is None else bias - mean * scale
-            out = torch.addcmul(_channel_view(shift, y_scaled), y_scaled, _channel_view(scale, y_scaled)).to(y_scaled.dtype)
+            out = _normalize(y_scaled, weight, bias, mean, invstd)
         ctx.save_for_backward(y_scaled, weight, mean, invstd, factor)
         ctx.eps = eps
         return out
@@ -116,10 +118,7 @@ def _bn_of_scaled_traced(y_scaled, weight, bias, factor, eps: float, running: _R
     dims = [d for d in range(y_scaled.dim()) if d != 1]
     var, mean = torch.var_mean(y_scaled.float(), dim=dims, correction=0)
     running.update(mean.detach(), var.detach(), factor, y_scaled.numel() // y_scaled.shape[1])
-    scale = torch.rsqrt(var + eps * factor * factor)
-    scale = scale if weight is None else scale * weight
-    shift = -mean * scale if bias is None else bias - mean * scale
-    return torch.addcmul(_channel_view(shift, y_scaled), y_scaled, _channel_view(scale, y_scaled)).to(y_scaled.dtype)
+    return _normalize(y_scaled, weight, bias, mean, torch.rsqrt(var + eps * factor * factor))
 
 
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
@@ -332,4 +331,3 @@ def unfold_relus(model: nn.Module) -> None:
             m.activation_in_output_quantizer = False
         elif isinstance(m, QuantizerBase):
             m.applies_relu = False
-

@@ -146,18 +146,11 @@ class WeightQuant:
         return self.quantizer.spec
 
 
-def _rows_dense(weight: Tensor) -> bool:
-    """Each output channel's elements fill one contiguous row of the storage (contiguous or channels_last;
-    the order inside a row does not matter to per-channel quantization)."""
-    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    return weight.is_contiguous() or channels_last
-
-
 def weight_quant(quantizer: QuantizerBase, weight: Tensor) -> WeightQuant | None:
     """The fused path's view of `quantizer` for `weight`, or None when the torch path must run (another
     spec or quantizer type, fake-quant off, the first observation that shapes the buffers, stale qparams)."""
     spec, channels = quantizer.spec, weight.shape[0]
-    if not (weight.dtype == torch.float32 and _rows_dense(weight)
+    if not (weight.dtype == torch.float32 and affine.is_dense(weight)  # rows: output channels (any inner order)
             and quantizer.fake_quant_enabled and spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0
             and affine.triton_applies(weight, spec)):
         return None
@@ -167,7 +160,9 @@ def weight_quant(quantizer: QuantizerBase, weight: Tensor) -> WeightQuant | None
             observer = quantizer.observer
             if observer.running_rule() is None or not observer.has_data or observer.min_val.shape != (channels,):
                 return None
-            return WeightQuant(Mode.OBSERVE, quantizer, quantizer.scale, quantizer.zero_point) if buffers_ready else None
+            if not buffers_ready:
+                return None
+            return WeightQuant(Mode.OBSERVE, quantizer, quantizer.scale, quantizer.zero_point)
         if quantizer._stale or not buffers_ready:
             return None
         return WeightQuant(Mode.FIXED, quantizer, quantizer.scale, quantizer.zero_point)

@@ -51,6 +51,15 @@ def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
     )
 
 
+def is_dense(x: torch.Tensor) -> bool:
+    """x's elements fill its storage without gaps (contiguous, channels_last, channels_last_3d): kernels can
+    read it as a flat array, with each outermost-dim slice (a weight's output channel) one contiguous run."""
+    if x.is_contiguous():
+        return True
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+
+
 def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     n, g = x.shape[-1], spec.group_size
     if n % g:

@@ -14,7 +14,7 @@ from enum import Enum
 
 import torch
 
-from qat.quant.affine import qparams_from_minmax, reduced_aminmax, reduced_minmax, triton_applies
+from qat.quant.affine import is_dense, qparams_from_minmax, reduced_aminmax, reduced_minmax, triton_applies
 from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.state import ShapeFromStateDict, assign_
 
@@ -71,7 +71,7 @@ class Observer(ShapeFromStateDict):
         from qat.quant import triton_observers
 
         x = x.detach()
-        if not reduced and _dense(x) and x.numel() < triton_observers.MAX_NUMEL:
+        if not reduced and is_dense(x) and x.numel() < triton_observers.MAX_NUMEL:
             lo, hi = triton_observers.tensor_minmax_partials(x), None
         else:
             lo, hi = reduced_aminmax(x, self.spec)
@@ -106,14 +106,6 @@ class Observer(ShapeFromStateDict):
 
     def extra_repr(self) -> str:
         return self.spec.short()
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """x's elements fill its storage without gaps (contiguous or channels_last): readable as a flat array."""
-    if x.is_contiguous():
-        return True
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
 
 
 def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:

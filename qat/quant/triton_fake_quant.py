@@ -8,11 +8,12 @@ input dtype (bf16 under autocast is read and written as bf16, never copied to fl
     codes = round_half_even(x * (1 / s)) + z        y = (clamp(codes, qmin, qmax) - z) * s
 
 With ``relu`` the input is max(x, 0) and the gradient to x is also zero where x <= 0 (a ReLU before the
-fake-quant folded into it: no ReLU pass forward or backward). With fixed qparams the forward reads x once and writes y once plus the gradient mask as bits (one byte per
-8 elements); autograd keeps the bits, not x, and the backward reads grad and the bits and writes grad_x (4.1
-bytes per bf16 element instead of 6). LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads
-grad and x once, writes grad_x once, and one partial sum of the scale (and zero point) gradient per block,
-summed by one small torch reduction: no float32 copies, no host synchronisation.
+fake-quant folded into it: no ReLU pass forward or backward). With fixed qparams the forward reads x once
+and writes y once plus the gradient mask as bits (one byte per 8 elements); autograd keeps the bits, not x,
+and the backward reads grad and the bits and writes grad_x (4.1 bytes per bf16 element instead of 6).
+LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads grad and x once, writes grad_x once,
+and one partial sum of the scale (and zero point) gradient per block, summed by one small torch reduction:
+no float32 copies, no host synchronisation.
 
 A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
 contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from qat.quant.affine import SCALE_EPS
+from qat.quant.affine import SCALE_EPS, is_dense
 from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
@@ -122,8 +123,9 @@ def _bits_backward_kernel(grad_ptr, bits_ptr, grad_x_ptr, row_len, n_blocks, BLO
 def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_ptr, row_len, rows, n_blocks,
                      zero_value, qmin, qmax, eps, grad_scale, LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr,
                      RELU: tl.constexpr, SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """grad_x = grad * (code in range) (RELU: and x > 0, as torch.relu's gradient). SCALE_GRAD / ZERO_GRAD: this block's sum of the LSQ scale / LSQ+
-    zero-point gradient (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, block]."""
+    """grad_x = grad * (code in range) (RELU: and x > 0, as torch.relu's gradient). SCALE_GRAD / ZERO_GRAD:
+    this block's sum of the LSQ scale / LSQ+ zero-point gradient (times grad_scale; zero for a scale clamped
+    at eps) into partial[0 / 1, row, block]."""
     row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
@@ -222,14 +224,16 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     grad = _same_layout(grad, x)
     grad_x = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows)
-    partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if scale_grad or zero_grad else grad_x
+    wanted = scale_grad or zero_grad
+    partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
     _backward_kernel[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
-        LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad, ZERO_GRAD=zero_grad,
+        LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad,
+        ZERO_GRAD=zero_grad,
         BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
     )
-    sums = partials.sum(dim=-1) if scale_grad or zero_grad else None  # (2, rows, blocks) -> (2, rows)
+    sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums
 
 
@@ -263,11 +267,7 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
 def _dense(x: Tensor) -> Tensor:
     """x itself when its elements fill its storage without gaps in a layout we index flat, else a copy."""
-    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
+    return x if is_dense(x) else x.contiguous()
 
 
 def _axis(x: Tensor, spec: QuantSpec) -> int:
