@@ -30,7 +30,7 @@ from qat.quant import affine
 from qat.quant.affine import SCALE_EPS
 from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, QuantizerBase
 from qat.quant.learnable import lsq_grad_scale
-from qat.quant.spec import Granularity
+from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 from qat.quant.triton_observers import _max_nan, _min_nan, device_steps, merge_range_into_qparams
 
@@ -142,7 +142,7 @@ class WeightQuant:
     lsq_grad_scale: float = 0.0
 
     @property
-    def spec(self):
+    def spec(self) -> QuantSpec:
         return self.quantizer.spec
 
 
@@ -189,7 +189,7 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         _forward_kernel[(channels,)](
             weight, y, factor, inv_std, running_var, gamma if gamma is not None else running_var, quant.scale, zero,
             observer.min_val if observer is not None else factor, observer.max_val if observer is not None else factor,
-            weight[0].numel(), float(eps), float(momentum), float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
+            weight.numel() // channels, float(eps), float(momentum), float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
             float(spec.fixed_zero_point), HAS_GAMMA=gamma is not None, MODE=int(quant.mode),
             RULE=rule.value if rule is not None else 0, SYMMETRIC=spec.symmetric, RECIPROCAL=reciprocal,
             BLOCK=_BLOCK, num_warps=4, **NO_FMA,
@@ -218,7 +218,7 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         _backward_kernel[(channels,)](
             grad_y, weight, grad_w, factor, inv_std, scale, zero_point if zero_point is not None else scale,
             grad_factor if grad_factor is not None else factor, grad_gamma if gamma_grad else factor,
-            grad_scale if scale_grad else factor, weight[0].numel(), float(spec.qmin), float(spec.qmax), SCALE_EPS,
+            grad_scale if scale_grad else factor, weight.numel() // channels, float(spec.qmin), float(spec.qmax), SCALE_EPS,
             float(spec.fixed_zero_point), quant.lsq_grad_scale, MODE=int(quant.mode), GAMMA_GRAD=gamma_grad,
             HAS_GRAD_FACTOR=grad_factor is not None, SCALE_GRAD=scale_grad, BLOCK=_BLOCK, num_warps=4, **NO_FMA,
         )
