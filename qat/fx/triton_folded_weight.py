@@ -30,9 +30,10 @@ from qat.quant import affine
 from qat.quant.affine import SCALE_EPS
 from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, QuantizerBase
 from qat.quant.learnable import lsq_grad_scale
+from qat.quant.observers import RunningRule
 from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.triton_fake_quant import NO_FMA, round_half_even
-from qat.quant.triton_observers import _max_nan, _min_nan, device_steps, merge_range_into_qparams
+from qat.quant.triton_observers import device_steps, max_nan, merge_range_into_qparams, min_nan
 
 _BLOCK = 1024
 
@@ -63,10 +64,10 @@ def _forward_kernel(w_ptr, y_ptr, factor_ptr, inv_std_ptr, var_ptr, gamma_ptr, s
             offs = start + tl.arange(0, BLOCK)
             inside = offs < row_len
             wf = tl.load(w_ptr + base + offs, mask=inside, other=0.0) * f
-            lo = _min_nan(lo, tl.where(inside, wf, float("inf")))
-            hi = _max_nan(hi, tl.where(inside, wf, float("-inf")))
+            lo = min_nan(lo, tl.where(inside, wf, float("inf")))
+            hi = max_nan(hi, tl.where(inside, wf, float("-inf")))
         lo, hi, s, z = merge_range_into_qparams(
-            tl.reduce(lo, 0, _min_nan), tl.reduce(hi, 0, _max_nan), tl.load(min_ptr + row), tl.load(max_ptr + row),
+            tl.reduce(lo, 0, min_nan), tl.reduce(hi, 0, max_nan), tl.load(min_ptr + row), tl.load(max_ptr + row),
             momentum, qmin, qmax, steps, scale_eps, fixed_zero, RULE, SYMMETRIC, RECIPROCAL)
         tl.store(min_ptr + row, lo)
         tl.store(max_ptr + row, hi)
@@ -140,6 +141,7 @@ class WeightQuant:
     scale: Tensor  # buffer (FIXED, OBSERVE) or learned parameter (LSQ), (C,)
     zero_point: Tensor | None  # int32 buffer (FIXED, OBSERVE)
     lsq_grad_scale: float = 0.0
+    rule: tuple[RunningRule, float] | None = None  # the observer's running rule and momentum (OBSERVE)
 
     @property
     def spec(self) -> QuantSpec:
@@ -155,15 +157,12 @@ def weight_quant(quantizer: QuantizerBase, weight: Tensor) -> WeightQuant | None
             and affine.triton_applies(weight, spec)):
         return None
     if isinstance(quantizer, FakeQuantize):
-        buffers_ready = quantizer.scale.shape == quantizer.zero_point.shape == (channels,)
         if quantizer.observer_enabled:
-            observer = quantizer.observer
-            if observer.running_rule() is None or not observer.has_data or observer.min_val.shape != (channels,):
+            rule = quantizer.observer.fused_update_rule((channels,), quantizer.scale, quantizer.zero_point)
+            if rule is None:
                 return None
-            if not buffers_ready:
-                return None
-            return WeightQuant(Mode.OBSERVE, quantizer, quantizer.scale, quantizer.zero_point)
-        if quantizer._stale or not buffers_ready:
+            return WeightQuant(Mode.OBSERVE, quantizer, quantizer.scale, quantizer.zero_point, rule=rule)
+        if quantizer._stale or not quantizer.scale.shape == quantizer.zero_point.shape == (channels,):
             return None
         return WeightQuant(Mode.FIXED, quantizer, quantizer.scale, quantizer.zero_point)
     if isinstance(quantizer, LearnableFakeQuantize) and quantizer.method == "lsq":
@@ -183,14 +182,14 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         factor = torch.empty(channels, device=weight.device, dtype=torch.float32)
         inv_std = torch.empty_like(factor)
         observer = quant.quantizer.observer if quant.mode is Mode.OBSERVE else None
-        rule, momentum = observer.running_rule() if observer is not None else (None, 0.0)
+        rule, momentum = quant.rule if quant.rule is not None else (None, 0.0)
         steps, reciprocal = device_steps(spec, weight.is_cuda)
         zero = quant.zero_point if quant.zero_point is not None else quant.scale
         _forward_kernel[(channels,)](
             weight, y, factor, inv_std, running_var, gamma if gamma is not None else running_var, quant.scale, zero,
             observer.min_val if observer is not None else factor, observer.max_val if observer is not None else factor,
-            weight.numel() // channels, float(eps), float(momentum), float(spec.qmin), float(spec.qmax), steps, SCALE_EPS,
-            float(spec.fixed_zero_point), HAS_GAMMA=gamma is not None, MODE=int(quant.mode),
+            weight.numel() // channels, float(eps), float(momentum), float(spec.qmin), float(spec.qmax), steps,
+            SCALE_EPS, float(spec.fixed_zero_point), HAS_GAMMA=gamma is not None, MODE=int(quant.mode),
             RULE=rule.value if rule is not None else 0, SYMMETRIC=spec.symmetric, RECIPROCAL=reciprocal,
             BLOCK=_BLOCK, num_warps=4, **NO_FMA,
         )
@@ -218,8 +217,8 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         _backward_kernel[(channels,)](
             grad_y, weight, grad_w, factor, inv_std, scale, zero_point if zero_point is not None else scale,
             grad_factor if grad_factor is not None else factor, grad_gamma if gamma_grad else factor,
-            grad_scale if scale_grad else factor, weight.numel() // channels, float(spec.qmin), float(spec.qmax), SCALE_EPS,
-            float(spec.fixed_zero_point), quant.lsq_grad_scale, MODE=int(quant.mode), GAMMA_GRAD=gamma_grad,
+            grad_scale if scale_grad else factor, weight.numel() // channels, float(spec.qmin), float(spec.qmax),
+            SCALE_EPS, float(spec.fixed_zero_point), quant.lsq_grad_scale, MODE=int(quant.mode), GAMMA_GRAD=gamma_grad,
             HAS_GRAD_FACTOR=grad_factor is not None, SCALE_GRAD=scale_grad, BLOCK=_BLOCK, num_warps=4, **NO_FMA,
         )
         if scale_grad:

@@ -62,11 +62,11 @@ class Observer(ShapeFromStateDict):
         their shapes, one min/max reduction (per-tensor: a Triton pass) and one Triton kernel
         (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere: the caller
         observes and computes the qparams the plain way."""
-        rule = self.running_rule()
-        if rule is None or not self.has_data or not x.numel() or not triton_applies(x, self.spec):
+        if not x.numel() or not triton_applies(x, self.spec):
             return False
         reduced = () if self.spec.granularity is Granularity.PER_TENSOR else (x.shape[self.spec.axis],)
-        if not self.min_val.shape == scale.shape == zero_point.shape == reduced:
+        rule = self.fused_update_rule(reduced, scale, zero_point)
+        if rule is None:
             return False
         from qat.quant import triton_observers
 
@@ -78,6 +78,15 @@ class Observer(ShapeFromStateDict):
         triton_observers.update_range_and_qparams(lo, hi, self.min_val, self.max_val, scale, zero_point, self.spec,
                                                   *rule, relu)
         return True
+
+    def fused_update_rule(self, reduced: tuple[int, ...], scale: torch.Tensor,
+                          zero_point: torch.Tensor) -> tuple[RunningRule, float] | None:
+        """The running rule when the fused kernels can merge a batch range into this observer and write
+        `scale` / `zero_point`: data seen, and the range and qparams buffers all of the `reduced` shape."""
+        rule = self.running_rule()
+        if rule is None or not self.has_data or not self.min_val.shape == scale.shape == zero_point.shape == reduced:
+            return None
+        return rule
 
     def running_rule(self) -> tuple[RunningRule, float] | None:
         """(rule, momentum) when observe() merges each batch's range into a running one by a fixed rule

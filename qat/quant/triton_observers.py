@@ -36,12 +36,12 @@ MAX_NUMEL = 2**31 - _MINMAX_BLOCK * MAX_PARTIALS  # int32 offsets in the min/max
 
 
 @triton.jit
-def _min_nan(a, b):
+def min_nan(a, b):
     return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
-def _max_nan(a, b):
+def max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
@@ -56,10 +56,10 @@ def _partial_minmax_kernel(x_ptr, partial_ptr, numel, programs, BLOCK: tl.conste
         offs = start + tl.arange(0, BLOCK)
         inside = offs < numel
         x = tl.load(x_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        lo = _min_nan(lo, tl.where(inside, x, float("inf")))
-        hi = _max_nan(hi, tl.where(inside, x, float("-inf")))
-    tl.store(partial_ptr + pid, tl.reduce(lo, 0, _min_nan))
-    tl.store(partial_ptr + programs + pid, tl.reduce(hi, 0, _max_nan))
+        lo = min_nan(lo, tl.where(inside, x, float("inf")))
+        hi = max_nan(hi, tl.where(inside, x, float("-inf")))
+    tl.store(partial_ptr + pid, tl.reduce(lo, 0, min_nan))
+    tl.store(partial_ptr + programs + pid, tl.reduce(hi, 0, max_nan))
 
 
 @triton.jit
@@ -67,8 +67,8 @@ def _reduce_partials(partial_ptr, n_partials, BLOCK: tl.constexpr, PARTIALS: tl.
     """The batch (min, max) from the min/max pass's partials, broadcast to (BLOCK,)."""
     offs = tl.arange(0, PARTIALS)
     valid = offs < n_partials
-    lo = tl.reduce(tl.load(partial_ptr + offs, mask=valid, other=float("inf")), 0, _min_nan)
-    hi = tl.reduce(tl.load(partial_ptr + n_partials + offs, mask=valid, other=float("-inf")), 0, _max_nan)
+    lo = tl.reduce(tl.load(partial_ptr + offs, mask=valid, other=float("inf")), 0, min_nan)
+    hi = tl.reduce(tl.load(partial_ptr + n_partials + offs, mask=valid, other=float("-inf")), 0, max_nan)
     zeros = tl.zeros((BLOCK,), tl.float32)
     return zeros + lo, zeros + hi
 
