@@ -12,8 +12,9 @@ Switch states are Python flags (no device synchronisation in forward), saved in 
 state, so a checkpoint resumes with the same modes.
 
 ``applies_relu``: the quantizer takes relu(x) (prepare sets it when the quantizer takes over the ReLU of the
-layer before it, its only reader); the fused CUDA kernels fold that ReLU into the observer and fake-quant
-passes instead of running it on its own.
+layer before it, its only reader); the fused CUDA kernels and the CPU fake-quant fold that ReLU into their
+observer and fake-quant passes instead of running it on its own (running-range observers take relu(x)'s
+range from x's).
 """
 from __future__ import annotations
 
@@ -39,11 +40,11 @@ class QuantizerBase(ShapeFromStateDict):
         self.applies_relu = False
 
     def _take_relu(self, x: torch.Tensor, kernels_fold: bool) -> tuple[torch.Tensor, bool]:
-        """(x, True) when the fused kernels will apply this quantizer's ReLU (`kernels_fold` and they serve
-        x), (relu(x), False) when it must be computed here, (x, False) without one."""
+        """(x, True) when the fake-quant kernels serving x will apply this quantizer's ReLU (`kernels_fold`),
+        (relu(x), False) when it must be computed here, (x, False) without one."""
         if not self.applies_relu:
             return x, False
-        if kernels_fold and self.fake_quant_enabled and affine.triton_applies(x, self.spec):
+        if kernels_fold and self.fake_quant_enabled:
             return x, True
         return torch.relu(x), False
 
@@ -95,11 +96,11 @@ class FakeQuantize(QuantizerBase):
         self._stale = False  # observer saw data the qparams do not reflect yet
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, relu = self._take_relu(x, kernels_fold=True)
+        x, relu = self._take_relu(x, kernels_fold=affine.fake_quantize_folds_relu(x, self.spec))
         if self.observer_enabled:
             fused = self.observer.observe_into_qparams(x, self.scale, self.zero_point, relu)
             if not fused:
-                self.observer(torch.relu(x) if relu else x)
+                self.observer(x, relu)
             self._stale = not fused
         if not self.fake_quant_enabled:
             return x
@@ -155,9 +156,9 @@ class LearnableFakeQuantize(QuantizerBase):
             self.zero_point = torch.nn.Parameter(zero) if method == "lsq_plus" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, relu = self._take_relu(x, kernels_fold=self.method != "pact")
+        x, relu = self._take_relu(x, kernels_fold=self.method != "pact" and affine.triton_applies(x, self.spec))
         if self.observer_enabled or not self.initialized:
-            self.observer(torch.relu(x) if relu else x)
+            self.observer(x, relu)
             self._stale = True
         if self._stale and (self.fake_quant_enabled or not self.observer_enabled):
             self.reinitialize_from_observer()

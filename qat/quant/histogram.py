@@ -66,7 +66,8 @@ class HistogramObserver(Observer):
         """The state as (C, bins) histograms (C = 1 per-tensor)."""
         return Histograms(self.histogram.reshape(-1, self.bins), self.hist_min.reshape(-1), self.hist_max.reshape(-1))
 
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, relu: bool = False) -> None:
+        x = torch.relu(x) if relu else x
         lo, hi = reduced_minmax(x, self.spec)
         _check_finite(x, lo, hi, type(self).__name__)
         resume = self.has_data and self.min_val.shape == lo.shape

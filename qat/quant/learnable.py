@@ -26,7 +26,15 @@ import math
 
 import torch
 
-from qat.quant.affine import SCALE_EPS, _as_grid, broadcastable, fake_quantize_with_mask, storage_order, triton_applies
+from qat.quant.affine import (
+    SCALE_EPS,
+    _as_grid,
+    broadcastable,
+    fake_quantize_with_mask,
+    masked_gradient,
+    storage_order,
+    triton_applies,
+)
 from qat.quant.spec import Granularity, QuantSpec
 
 
@@ -91,7 +99,7 @@ class _LSQPerTensorCPU(torch.autograd.Function):
     def backward(ctx, grad):
         x, inside, scale, z = ctx.saved_tensors
         out, _ = fake_quantize_with_mask(x, scale, z, *ctx.qrange)  # recomputed: one pass
-        grad_x = torch.where(inside, grad, 0.0)
+        grad_x = masked_gradient(grad, inside)
         order = storage_order(x)
         flat_grad, flat_grad_x = _flat(grad, order), _flat(grad_x, order)
         g = ctx.grad_scale

@@ -47,12 +47,14 @@ class Observer(ShapeFromStateDict):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.has_data = bool(torch.isfinite(self.min_val).all()) and self.min_val.numel() > 0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """Observe `x` (`relu`: relu(x), which the running-range observers take from x's range without
+        computing it) and return `x`."""
         if x.numel():
-            self.observe(x.detach())
+            self.observe(x.detach(), relu)
         return x
 
-    def observe(self, x: torch.Tensor) -> None:
+    def observe(self, x: torch.Tensor, relu: bool = False) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement observe()")
 
     def observe_into_qparams(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -126,6 +128,12 @@ def _check_finite(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str)
         )
 
 
+def _batch_range(x: torch.Tensor, spec: QuantSpec, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of x, or of relu(x) (both clamped at 0; NaN stays NaN), in the reduced shape of `spec`."""
+    lo, hi = reduced_minmax(x, spec)
+    return (lo.clamp_min(0.0), hi.clamp_min(0.0)) if relu else (lo, hi)
+
+
 def _check_finite_without_sync(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, who: str) -> None:
     """The running observers' check: immediate on the CPU in eager mode; on a GPU or under torch.compile
     deferred to Observer.check_finite. Deferring loses nothing: min/max/lerp propagate NaN and Inf into the
@@ -137,8 +145,8 @@ def _check_finite_without_sync(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tens
 class MinMaxObserver(Observer):
     """Running min and max over everything observed."""
 
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = reduced_minmax(x, self.spec)
+    def observe(self, x: torch.Tensor, relu: bool = False) -> None:
+        lo, hi = _batch_range(x, self.spec, relu)
         _check_finite_without_sync(x, lo, hi, type(self).__name__)
         if self.has_data and self.min_val.shape == lo.shape:
             lo, hi = torch.minimum(lo, self.min_val), torch.maximum(hi, self.max_val)
@@ -159,8 +167,8 @@ class MovingAverageMinMaxObserver(Observer):
             raise ValueError(f"momentum={momentum!r} is invalid; allowed: a float in (0, 1]")
         self.momentum = momentum
 
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = reduced_minmax(x, self.spec)
+    def observe(self, x: torch.Tensor, relu: bool = False) -> None:
+        lo, hi = _batch_range(x, self.spec, relu)
         _check_finite_without_sync(x, lo, hi, type(self).__name__)
         if self.has_data and self.min_val.shape == lo.shape:
             lo = torch.lerp(self.min_val, lo, self.momentum)

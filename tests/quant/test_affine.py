@@ -143,6 +143,30 @@ def test_fused_op_is_bit_equal_to_formula_values_and_grads(spec, device, dtype):
     assert torch.equal(x1.grad, x2.grad)
 
 
+@pytest.mark.parametrize("zero_at", [None, "below_qmin", "above_qmax"], ids=["z_in_range", "z_below_qmin", "z_above_qmax"])
+@pytest.mark.parametrize("device, dtype", FUSED_CASES)
+@pytest.mark.parametrize("spec", FUSED_SPECS, ids=lambda s: s.short())
+def test_fused_op_with_relu_equals_relu_then_formula(spec, device, dtype, zero_at):
+    """relu=True on the fused paths (CPU passes, Triton kernels) equals torch.relu then the formula: values,
+    the input gradient (ReLU's and the fake-quant's masks), for zeros and NaN, and for zero points outside
+    [qmin, qmax] (which a caller of the function may pass) where the grid's lower bound is above 0 or its
+    upper bound below it."""
+    x = (torch.randn(8, 6, 5, 5) * 4).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, :3] = torch.tensor([0.0, -0.0, float("nan")])
+    shape = (x.shape[spec.axis],) if spec.is_per_channel else ()
+    scale, zero = (t.to(device) for t in _random_qparams(spec, shape))
+    if zero_at is not None:  # codes of x > 0 then fall below the grid (qmin - z = 3) or all above it
+        zero = torch.full_like(zero, spec.qmin - 3 if zero_at == "below_qmin" else spec.qmax + 3)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = fake_quantize(x1, scale, zero, spec, use_fused=True, relu=True)
+    plain = fake_quantize(torch.relu(x2), scale, zero, spec, use_fused=False)
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0, equal_nan=True)
+    g = torch.randn_like(x)
+    fused.backward(g)
+    plain.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+
+
 def test_clipped_ste_gradient_closed_form():
     spec = QuantSpec(bits=4, signed=False)
     x = torch.tensor([-1.0, 0.0, 0.7, 1.4, 1.6, 5.0], requires_grad=True)

@@ -139,3 +139,24 @@ def test_extra_state_survives_torch_save():
     fresh = QuantizerConfig(ACT, "lsq").build()
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert (fresh.observer_enabled, fresh.fake_quant_enabled, fresh.initialized) == (False, False, True)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_quantizer_taking_the_relu_equals_relu_then_quantizer(cfg):
+    """applies_relu on the CPU (folded into the fake-quant passes and the running observers' ranges where they
+    serve the quantizer, torch.relu elsewhere) equals torch.relu followed by the same quantizer: observer
+    statistics, outputs and input gradients, while observing and once frozen."""
+    folded, plain = cfg.build(), cfg.build()
+    folded.applies_relu = True
+    for step in range(4):
+        if step == 2:
+            folded.disable_observer(), plain.disable_observer()
+        x = _input_for(cfg) * 3
+        x_folded, x_plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_folded, y_plain = folded(x_folded), plain(torch.relu(x_plain))
+        assert torch.equal(y_folded, y_plain)
+        g = torch.randn_like(x)
+        y_folded.backward(g), y_plain.backward(g)
+        assert torch.equal(x_folded.grad, x_plain.grad)
+        for name, buffer in plain.state_dict().items():
+            torch.testing.assert_close(folded.state_dict()[name], buffer, rtol=0, atol=0, equal_nan=True)
