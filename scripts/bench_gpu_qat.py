@@ -2,6 +2,7 @@
 
     python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --compile
+    python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --compile --compile-mode reduce-overhead
     python scripts/bench_gpu_qat.py --model resnet18 --image-size 32 --batch 512 --profile
     python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128 --cuda-graph
     python scripts/bench_gpu_qat.py --device cpu --model resnet18 --batch 16 --threads 2 --iters 10 --warmup 3
@@ -205,7 +206,7 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
     for variant in variants:
         model = variant.build(setup)
         if variant.compiled:
-            model = torch.compile(model)
+            model = torch.compile(model, mode=args.compile_mode)
         step = (make_graphed_step if variant.graphed else make_step)(model, setup, variant.autocast)
         rows.append((variant.name, median_ms(step, setup.device, args.iters, args.warmup)))
         print(f"{variant.name}: {rows[-1][1]:.2f} ms/step", file=sys.stderr)
@@ -223,7 +224,8 @@ def run_round_robin(variants: list[Variant], setup: Setup, args: argparse.Namesp
     steps = {}
     for variant in variants:
         model = variant.build(setup)
-        steps[variant.name] = make_step(torch.compile(model) if variant.compiled else model, setup, variant.autocast)
+        model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
+        steps[variant.name] = make_step(model, setup, variant.autocast)
         for _ in range(args.warmup):
             steps[variant.name]()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -261,6 +263,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="also time float bf16 and ours under torch.compile")
+    parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile's mode for every compiled variant (reduce-overhead: CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time float bf16 and ours with the whole step captured in a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")

@@ -34,6 +34,9 @@ from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 128
+# The LSQ backward's blocks: 2048 elements on 4 warps (H200, a 128x256x56x56 bf16 channels_last tensor:
+# 178 us against 206 us with 4096 on 8 warps; 165 us without the scale-gradient reduction)
+LSQ_BACKWARD_BLOCK = 2048
 # Launch option of every Triton kernel of the project (fake-quant, observers, int8 kernels): round every
 # product and sum on its own, as torch's eager ops do; a fused multiply-add could move near-ties of the
 # rounding and break bit-equality with the reference.
@@ -164,14 +167,14 @@ class _Grid:
     relu: bool = False  # a ReLU folded in before the fake-quant
 
 
-def _block(row_len: int) -> int:
-    return max(MIN_BLOCK, min(MAX_BLOCK, triton.next_power_of_2(row_len)))
+def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
+    return max(MIN_BLOCK, min(max_block, triton.next_power_of_2(row_len)))
 
 
-def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, int]:
+def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
     """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
     row_len = x.numel() // rows
-    block = _block(row_len)
+    block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
 
 
@@ -223,7 +226,7 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     """(grad_x, partial sums (2, rows) of the scale / zero-point gradients or None)."""
     grad = _same_layout(grad, x)
     grad_x = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x, rows)
+    row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
     _backward_kernel[(rows * n_blocks,)](
@@ -231,7 +234,7 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad,
         ZERO_GRAD=zero_grad,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4, **NO_FMA,
+        BLOCK=block, num_warps=4, **NO_FMA,
     )
     sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums
