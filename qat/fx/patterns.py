@@ -46,6 +46,10 @@ BINARY_FUNCTIONS: dict[object, str] = {
 BINARY_METHODS: dict[str, str] = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "matmul": "matmul", "bmm": "matmul"}
 CAT_FUNCTIONS: frozenset = frozenset({torch.cat, torch.concat, torch.concatenate})
 
+# reads of a tensor's metadata that an int8 value answers as its float value would (not dtype)
+METADATA_ATTRIBUTES: frozenset = frozenset({"shape", "ndim", "device"})
+METADATA_METHODS: frozenset = frozenset({"size", "dim"})
+
 
 def module_of(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
     return modules.get(node.target) if node.op == "call_module" else None
@@ -88,3 +92,10 @@ def binary_kind(node: fx.Node) -> str | None:
 
 def is_cat(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in CAT_FUNCTIONS
+
+
+def reads_metadata(node: fx.Node) -> bool:
+    """``x.shape`` / ``x.ndim`` / ``x.device`` / ``x.size()`` / ``x.dim()``: no value of x is read."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
+    return node.op == "call_method" and node.target in METADATA_METHODS

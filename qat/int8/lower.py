@@ -9,6 +9,7 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
+  shape / ndim / device / size() of an int8 value -> left reading the int8 value (no Dequantize)
   anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
 """
 from __future__ import annotations
@@ -121,6 +122,8 @@ class _Lowering:
         for node in list(self.gm.graph.nodes):
             if self._relu_before_quantizer(node):
                 continue  # fused into the op before it when its quantizer is reached
+            if patterns.reads_metadata(node) and (node.args[0] in self.grid or node.args[0] in self.open_ops):
+                continue  # an int8 value has its float value's shape: no Dequantize pass for it
             if node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizerBase):
                 self._activation_quantizer(node)
             elif node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizedWeightModule):

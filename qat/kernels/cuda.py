@@ -114,6 +114,14 @@ def _is_dense(t: Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 
+def _two_batch_dims(t: Tensor) -> Tensor:
+    """``[*batch, rows, cols]`` as ``[B0, B1, rows, cols]``: a view for up to two batch dims (broadcast ones keep
+    their zero strides), a reshape beyond."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t
+
+
 def _dense_same_layout(a: Tensor, b: Tensor) -> bool:
     return _is_dense(a) and a.shape == b.shape and a.stride() == b.stride()
 
@@ -256,8 +264,6 @@ class CudaBackend:
                out_qp: ActQParams | None = None) -> Tensor:
         self._require_device(a, b)
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])  # [B, M, K]
-        b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])  # [B, K, N]
-        mult = a_qp.scale * b_qp.scale
-        out = self._triton.bmm(a3, a_qp, b3, b_qp, mult, out_qp)  # [B, M, N]
-        return out.view(*batch, *out.shape[-2:])
+        a4, b4 = (_two_batch_dims(t.expand(*batch, *t.shape[-2:])) for t in (a, b))  # [B0, B1, rows, cols]
+        out = self._triton.bmm(a4, a_qp, b4, b_qp, a_qp.scale * b_qp.scale, out_qp)  # [B0, B1, M, N]
+        return out.reshape(*batch, *out.shape[-2:])

@@ -29,6 +29,7 @@ from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
+_BMM_STAGES = 2  # ViT-B/16 attention on an H200: weights @ v 546 us against 655 us with 3 stages, q @ k^T 349 vs 359
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
 
@@ -289,11 +290,15 @@ def _binary_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zero, b_scale, b_zero, i
 
 
 @triton.jit
-def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, sob, som, son,
+def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, so0, so1, som, son,
                 a_offset, b_offset, mult, inv_scale, zero_point, lo, hi, A_UNSIGNED: tl.constexpr,
                 B_UNSIGNED: tl.constexpr, OUT_FLOAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BK: tl.constexpr):
-    batch = tl.program_id(2)
+    """Batch (outer, inner) = divmod(program_id(2), INNER); every operand addressed through its own strides."""
+    outer, inner = tl.program_id(2) // INNER, tl.program_id(2) % INNER
+    a_ptr += outer.to(tl.int64) * sa0 + inner.to(tl.int64) * sa1
+    b_ptr += outer.to(tl.int64) * sb0 + inner.to(tl.int64) * sb1
+    out_ptr += outer.to(tl.int64) * so0 + inner.to(tl.int64) * so1
     rm = tl.program_id(0) * BM + tl.arange(0, BM)
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -303,8 +308,8 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, so
     for k0 in range(0, K, BK):
         a_mask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
         b_mask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
-        a = tl.load(a_ptr + batch * sab + rm[:, None] * sam + (k0 + rk[None, :]) * sak, mask=a_mask, other=0)
-        b = tl.load(b_ptr + batch * sbb + (k0 + rk[:, None]) * sbk + rn[None, :] * sbn, mask=b_mask, other=0)
+        a = tl.load(a_ptr + rm[:, None] * sam + (k0 + rk[None, :]) * sak, mask=a_mask, other=0)
+        b = tl.load(b_ptr + (k0 + rk[:, None]) * sbk + rn[None, :] * sbn, mask=b_mask, other=0)
         a = tl.where(a_mask, _signed(a, A_UNSIGNED), 0).to(tl.int8)
         b = tl.where(b_mask, _signed(b, B_UNSIGNED), 0).to(tl.int8)
         acc += tl.dot(a, b, out_dtype=tl.int32)
@@ -314,8 +319,8 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, sab, sam, sak, sbb, sbk, sbn, so
     acc += b_offset * a_rows[:, None] + a_offset * b_cols[None, :] + K * a_offset * b_offset
     y = acc.to(tl.float32) * mult
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    out_ptrs = out_ptr + batch * sob + rm[:, None] * som + rn[None, :] * son
-    _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
+    _store_output(out_ptr + rm[:, None] * som + rn[None, :] * son, y, mask, inv_scale, zero_point, lo, hi,
+                  OUT_FLOAT, False)
 
 
 def signed_offset(qp: ActQParams) -> int:
@@ -461,14 +466,21 @@ def binary(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, out_qp: Act
 
 
 def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, out_qp: ActQParams | None) -> Tensor:
-    """Batched ``[B, M, K] @ [B, K, N]`` of two quantized activations, int32-exact, fused requantization."""
-    batch, m, k = a.shape
-    n = b.shape[2]
-    out = torch.empty(batch, m, n, dtype=torch.float32 if out_qp is None else out_qp.dtype, device=a.device)
+    """``[B0, B1, M, K] @ [B0, B1, K, N]`` of two quantized activations (any strides, broadcast batch dims
+    of stride 0 included: no copies), int32-exact, fused requantization. The output takes b's strides when
+    it has b's shape (attention's weights @ v: v is a head-split view, and so is the output, whose heads
+    merge back without a copy), else it is contiguous."""
+    outer, inner, m, k = a.shape
+    n = b.shape[3]
+    dtype = torch.float32 if out_qp is None else out_qp.dtype
+    if b.shape == (outer, inner, m, n):  # empty_like keeps b's strides where b is dense, else contiguous
+        out = torch.empty_like(b, dtype=dtype)
+    else:
+        out = torch.empty(outer, inner, m, n, dtype=dtype, device=a.device)
     bm, bn, bk = _BMM_BLOCK
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), batch)
-    _bmm_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), outer * inner)
+    _bmm_kernel[grid](a, b, out, m, n, k, inner, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
                       signed_offset(b_qp), mult, *_requant_args(out_qp, False),
                       A_UNSIGNED=a.dtype == torch.uint8, B_UNSIGNED=b.dtype == torch.uint8,
-                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, **NO_FMA)
+                      OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, num_stages=_BMM_STAGES, **NO_FMA)
     return out

@@ -166,3 +166,23 @@ def test_asymmetric_weights_are_named_in_the_error():
         convert(prepared, "reference")
     with pytest.raises(ValueError, match="unknown kernel backend 'tpu'"):
         convert(prepared, "tpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+def test_shape_reads_of_int8_values_need_no_dequantize(monkeypatch, backend):
+    """Attention reshapes read q/k/v's .shape: the int8 graph answers that from the int8 tensor, instead of
+    dequantizing it for the read, and computes the same outputs as with a Dequantize in front of each read."""
+    from qat.fx import patterns
+    from qat.int8.modules import Dequantize
+
+    prepared, batches = _synthetic("tiny_transformer")
+    int8 = convert(prepared, backend)
+    modules = dict(int8.named_modules())
+    reads = [n for n in int8.graph.nodes if patterns.reads_metadata(n)]
+    assert reads and not any(isinstance(modules.get(n.args[0].target), Dequantize) for n in reads)
+    monkeypatch.setattr(patterns, "reads_metadata", lambda node: False)
+    dequantizing = convert(prepared, backend)
+    count = lambda gm: sum(isinstance(m, Dequantize) for m in gm.modules())  # noqa: E731
+    assert count(dequantizing) > count(int8)
+    with torch.no_grad():
+        assert torch.equal(int8(*batches[0]), dequantizing(*batches[0]))

@@ -149,7 +149,29 @@ def test_cat(backend_name, same_qparams):
     assert_quantized_agree(on.back(got, out_qp), expected)
 
 
-MATMUL_SHAPES = [((2, 3, 20, 24), (2, 3, 24, 18)), ((40, 33), (33, 7)), ((20, 16), (4, 16, 18))]
+MATMUL_SHAPES = [((2, 3, 20, 24), (2, 3, 24, 18)), ((40, 33), (33, 7)), ((20, 16), (4, 16, 18)),
+                 ((2, 2, 3, 5, 8), (2, 1, 3, 8, 4))]
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # (N, L, E) -> (N, H, L, E/H) view
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_attention_matmuls_on_head_views(backend_name):
+    """q @ k^T and weights @ v on head-split views of (N, L, E) tensors (transposed, non-contiguous, as
+    attention makes them) equal the reference; weights @ v comes back in v's layout, so merging the heads
+    back, (N, H, L, D) -> (N, L, E), is a view."""
+    on = OnBackend(backend_name)
+    qp, w_qp = activation_qparams(False, scale=0.05), activation_qparams(False, scale=0.004)
+    q, k, v = (random_activation((2, 7, 12), qp) for _ in range(3))
+    weights = random_activation((2, 3, 7, 7), w_qp)
+    for a, a_qp, b in ((_heads(q, 3), qp, _heads(k, 3).transpose(-2, -1)), (weights, w_qp, _heads(v, 3))):
+        got = on.backend.matmul(on.act(a, a_qp), a_qp, on.act(b, qp), qp, None)
+        assert_float_agree(on.back(got, None), REF.matmul(a, a_qp, b, qp))
+    if backend_name == "cuda":
+        merged = got.transpose(1, 2)
+        assert merged.reshape(2, 7, 12).data_ptr() == got.data_ptr() and merged.is_contiguous()
 
 
 @pytest.mark.parametrize("out", ["float", "quant"])
