@@ -2,6 +2,7 @@
 ops and quantized functional ops. Extending support means adding a row, not a branch."""
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
@@ -45,6 +46,10 @@ BINARY_FUNCTIONS: dict[object, str] = {
 }
 BINARY_METHODS: dict[str, str] = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "matmul": "matmul", "bmm": "matmul"}
 CAT_FUNCTIONS: frozenset = frozenset({torch.cat, torch.concat, torch.concatenate})
+
+# x * c, c * x and x / c by a Python number c
+SCALAR_MULTIPLY: frozenset = frozenset({operator.mul, torch.mul})
+SCALAR_DIVIDE: frozenset = frozenset({operator.truediv, torch.div})
 
 # reads of a tensor's metadata that an int8 value answers as its float value would (not dtype)
 METADATA_ATTRIBUTES: frozenset = frozenset({"shape", "ndim", "device"})
@@ -99,3 +104,20 @@ def reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return len(node.args) == 2 and node.args[1] in METADATA_ATTRIBUTES
     return node.op == "call_method" and node.target in METADATA_METHODS
+
+
+def power_of_two_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
+    """(x, c) when the node computes x * c, c * x or x / (1 / c) with c a power of two: an exact scaling of
+    every float32 value (short of overflow), which can move into a scale."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != 2:
+        return None
+    x, c = node.args
+    if node.target in SCALAR_MULTIPLY and isinstance(x, (int, float)):
+        x, c = c, x
+    if not isinstance(x, fx.Node) or isinstance(c, bool) or not isinstance(c, (int, float)) or c <= 0:
+        return None
+    if node.target in SCALAR_DIVIDE:
+        c = 1.0 / c
+    elif node.target not in SCALAR_MULTIPLY:
+        return None
+    return (x, float(c)) if math.frexp(c)[0] == 0.5 else None

@@ -6,6 +6,7 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   activation quantizer on a float value          -> Quantize
   QAT Conv/Linear with an int8 input             -> Int8Conv*/Int8Linear (BN folded, ReLU fused)
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
+  int8 x * c, c a power of two (1/sqrt(d))       -> a Dequantize on x's scale times c
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
@@ -15,6 +16,7 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 
 import torch
@@ -124,6 +126,8 @@ class _Lowering:
                 continue  # fused into the op before it when its quantizer is reached
             if patterns.reads_metadata(node) and (node.args[0] in self.grid or node.args[0] in self.open_ops):
                 continue  # an int8 value has its float value's shape: no Dequantize pass for it
+            if self._fold_power_of_two(node):
+                continue
             if node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizerBase):
                 self._activation_quantizer(node)
             elif node.op == "call_module" and isinstance(self.modules.get(node.target), QuantizedWeightModule):
@@ -208,6 +212,18 @@ class _Lowering:
         new = self._replace(node, op, op.op, (a, b))
         self.modules[new.target] = op
         self.open_ops[new] = op
+
+    def _fold_power_of_two(self, node: fx.Node) -> bool:
+        """``x * c`` on an int8 x with c a power of two (attention's 1/sqrt(d)): c joins the scale of x's
+        Dequantize, one pass instead of two, bit for bit (scaling by 2^k is exact in float32)."""
+        scaled = patterns.power_of_two_factor(node)
+        if scaled is None or scaled[0] not in self.grid:
+            return False
+        value, factor = scaled
+        qp = self.grid[value]
+        self._replace(node, q8.Dequantize(dataclasses.replace(qp, scale=qp.scale * factor), self.backend),
+                      "dequantize", (value,))
+        return True
 
     def _fusable_conv(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         """(conv, other) when ``node`` adds the requantized output of an Int8Conv2d that nothing else reads."""

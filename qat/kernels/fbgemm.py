@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.reference import ReferenceBackend, conv2d_then_add, finish, make_packed
+from qat.kernels.reference import ReferenceBackend, conv2d_then_add, dequantize_activation, finish, make_packed
 from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -145,7 +145,9 @@ class FbgemmBackend:
         return _clamp_to_range(t, qp)
 
     def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor:
-        return t.dequantize()
+        if qp.scale == t.q_scale():
+            return t.dequantize()
+        return dequantize_activation(self.from_backend(t, qp), qp)  # on another scale (a folded factor)
 
     def _requantized(self, y: Tensor, out_qp: ActQParams | None, relu: bool) -> Tensor:
         out = finish(y, out_qp, relu)

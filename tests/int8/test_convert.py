@@ -186,3 +186,19 @@ def test_shape_reads_of_int8_values_need_no_dequantize(monkeypatch, backend):
     assert count(dequantizing) > count(int8)
     with torch.no_grad():
         assert torch.equal(int8(*batches[0]), dequantizing(*batches[0]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+def test_attention_scale_folds_into_the_dequantize(monkeypatch, backend):
+    """scores * 1/sqrt(d) (a power of two) on the int8 QK^T output costs no pass of its own: the factor joins
+    the Dequantize's scale, and the outputs are those of dequantize-then-multiply, bit for bit."""
+    from qat.fx import patterns
+
+    prepared, batches = _synthetic("tiny_transformer")
+    folded = convert(prepared, backend)
+    multiplies = lambda gm: [n for n in gm.graph.nodes if patterns.power_of_two_factor(n)]  # noqa: E731
+    assert multiplies(prepared) and not multiplies(folded)
+    monkeypatch.setattr(patterns, "power_of_two_factor", lambda node: None)
+    unfolded = convert(prepared, backend)
+    with torch.no_grad():
+        assert torch.equal(folded(*batches[0]), unfolded(*batches[0]))
