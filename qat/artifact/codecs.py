@@ -166,6 +166,17 @@ def _binary_decode(config, tensors, backend):
     return m
 
 
+def _layer_norm_encode(m: q8.Int8LayerNorm):
+    tensors = {name: t for name, t in (("weight", m.weight), ("bias", m.bias)) if t is not None}
+    return {"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp), "eps": m.eps}, tensors
+
+
+def _layer_norm_decode(config, tensors, backend):
+    m = q8.Int8LayerNorm(_qp(config["in_qp"]), tensors.get("weight"), tensors.get("bias"), config["eps"], backend)
+    m.out_qp = _qp(config["out_qp"])
+    return m
+
+
 def _cat_decode(config, tensors, backend):
     m = q8.Int8Cat(tuple(_qp(q) for q in config["qps"]), config["dim"], backend)
     m.out_qp = _qp(config["out_qp"])
@@ -186,6 +197,7 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Cat: (lambda m: ({"qps": [_asdict(q) for q in m.qps], "dim": m.dim, "out_qp": _asdict(m.out_qp)}, {}),
                  _cat_decode),
     q8.KeepGrid: (_keep_grid_encode, _keep_grid_decode),
+    q8.Int8LayerNorm: (_layer_norm_encode, _layer_norm_decode),
 }
 INT8_TYPES = {cls.__name__: cls for cls in INT8_CODECS}
 

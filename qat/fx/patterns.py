@@ -121,3 +121,10 @@ def power_of_two_factor(node: fx.Node) -> tuple[fx.Node, float] | None:
     elif node.target not in SCALAR_MULTIPLY:
         return None
     return (x, float(c)) if math.frexp(c)[0] == 0.5 else None
+
+
+def is_last_dim_layer_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """An nn.LayerNorm module over the last dim, called on one tensor."""
+    module = module_of(node, modules)
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and len(node.args) == 1 \
+        and not node.kwargs

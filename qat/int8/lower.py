@@ -6,6 +6,7 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   activation quantizer on a float value          -> Quantize
   QAT Conv/Linear with an int8 input             -> Int8Conv*/Int8Linear (BN folded, ReLU fused)
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
+  LayerNorm (last dim) of an int8 value          -> Int8LayerNorm (requantized by its quantizer, if any)
   int8 x * c, c a power of two (1/sqrt(d))       -> a Dequantize on x's scale times c
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
@@ -138,6 +139,8 @@ class _Lowering:
                 self._cat(node)
             elif self._int8_args(node.args[:1]) and patterns.keeps_scale(node, self.modules):
                 self._keep_grid(node)
+            elif self._int8_args(node.args[:1]) and patterns.is_last_dim_layer_norm(node, self.modules):
+                self._layer_norm(node)
             else:
                 self._float_node(node)
 
@@ -271,6 +274,12 @@ class _Lowering:
         keep = q8.KeepGrid(fn, tuple(node.args[1:]), dict(node.kwargs), qp, self.backend)
         new = self._replace(node, keep, "keep", (node.args[0],))
         self.grid[new] = qp
+
+    def _layer_norm(self, node: fx.Node) -> None:
+        op = q8.Int8LayerNorm.from_float(self.modules[node.target], self.grid[node.args[0]], self.backend)
+        new = self._replace(node, op, "layer_norm", (node.args[0],))
+        self.modules[new.target] = op
+        self.open_ops[new] = op
 
     def _float_node(self, node: fx.Node) -> None:
         for value in list(node.all_input_nodes):

@@ -182,6 +182,31 @@ class Int8Cat(BackendModule):
         return self.backend.cat(list(tensors), self.qps, self.dim, self.out_qp)
 
 
+class Int8LayerNorm(BackendModule):
+    """LayerNorm over the last dim of an int8 tensor: dequantize, normalise, weight and bias, and requantize
+    to out_qp when an activation quantizer follows (else float32 out), in one pass on the cuda backend
+    instead of three (dequantize, LayerNorm, quantize). The float LayerNorm's numbers, up to the order of
+    its sums (1 LSB at an exact rounding boundary)."""
+
+    def __init__(self, in_qp: ActQParams, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                 backend: str):
+        super().__init__(backend)
+        self.in_qp, self.eps = in_qp, float(eps)
+        self.register_buffer("weight", None if weight is None else weight.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.out_qp: ActQParams | None = None
+
+    @classmethod
+    def from_float(cls, ln: nn.LayerNorm, in_qp: ActQParams, backend: str) -> "Int8LayerNorm":
+        return cls(in_qp, ln.weight, ln.bias, ln.eps, backend)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.layer_norm(t, self.in_qp, self.weight, self.bias, self.eps, self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, in={self.in_qp}, out={self.out_qp}, {self.backend_name}"
+
+
 class KeepGrid(BackendModule):
     """A grid-preserving float op (max-pool, ReLU, zero padding) applied to an int8 tensor: dequantize, apply,
     quantize onto the same grid. Exact, because the op maps grid values to grid values."""

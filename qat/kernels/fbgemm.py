@@ -149,6 +149,11 @@ class FbgemmBackend:
             return t.dequantize()
         return dequantize_activation(self.from_backend(t, qp), qp)  # on another scale (a folded factor)
 
+    def layer_norm(self, t: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   out_qp: ActQParams | None) -> Tensor:
+        y = _REFERENCE.layer_norm(self.from_backend(t, in_qp), in_qp, weight, bias, eps, out_qp)
+        return y if out_qp is None else self.to_backend(y, out_qp)
+
     def _requantized(self, y: Tensor, out_qp: ActQParams | None, relu: bool) -> Tensor:
         out = finish(y, out_qp, relu)
         return out if out_qp is None else self.to_backend(out, out_qp)

@@ -114,6 +114,11 @@ class ReferenceBackend:
     def quantize(self, x: Tensor, qp: ActQParams) -> Tensor:
         return quantize_activation(x, qp)
 
+    def layer_norm(self, t: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   out_qp: ActQParams | None) -> Tensor:
+        y = F.layer_norm(dequantize_activation(t, in_qp), t.shape[-1:], weight, bias, eps)
+        return finish(y, out_qp, relu=False)
+
     def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor:
         return dequantize_activation(t, qp)
 

@@ -1,5 +1,5 @@
 """Triton kernels of the cuda backend: int8 GEMM (Linear, 1x1 conv), implicit-GEMM conv, direct grouped conv,
-elementwise quantize / dequantize / add / mul, batched matmul.
+elementwise quantize / dequantize / add / mul, batched matmul, row LayerNorm.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
 Every kernel ends with the project's requantization (float ops rounded one by one, no FMA),
@@ -29,6 +29,7 @@ from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
+MAX_LAYER_NORM = 16384  # a row's channels held by one program
 _BMM_STAGES = 2  # ViT-B/16 attention on an H200: weights @ v 546 us against 655 us with 3 stages, q @ k^T 349 vs 359
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
@@ -271,6 +272,25 @@ def _quantize_kernel(x_ptr, out_ptr, n, inv_scale, zero_point, lo, hi, BLOCK: tl
 
 
 @triton.jit
+def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, C, scale, zero, eps, inv_scale, out_zero, lo, hi,
+                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """One row of C codes: dequantize, (x - mean) / sqrt(biased var + eps) * weight + bias, store."""
+    row = tl.program_id(0).to(tl.int64) * C
+    cols = tl.arange(0, BLOCK)
+    inside = cols < C
+    x = (tl.load(q_ptr + row + cols, mask=inside, other=0).to(tl.float32) - zero) * scale
+    mean = tl.sum(tl.where(inside, x, 0.0), axis=0) / C
+    centred = tl.where(inside, x - mean, 0.0)
+    y = centred * (1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / C + eps))
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0)
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=inside, other=0.0)
+    _store_output(out_ptr + row + cols, y, inside, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
+
+
+@triton.jit
 def _dequantize_kernel(q_ptr, out_ptr, n, scale, zero_point, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -451,6 +471,20 @@ def dequantize(q: Tensor, qp: ActQParams) -> Tensor:
     n = q.numel()
     _dequantize_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](q, out, n, qp.scale, qp.zero_point,
                                                              BLOCK=_ELEMENTWISE_BLOCK, **NO_FMA)
+    return out
+
+
+def layer_norm(q: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
+               out_qp: ActQParams | None) -> Tensor:
+    """LayerNorm over the last dim of a contiguous int8 tensor, one program per row (up to MAX_LAYER_NORM)."""
+    c = q.shape[-1]
+    out = torch.empty_like(q, dtype=torch.float32 if out_qp is None else out_qp.dtype)
+    block = max(triton.next_power_of_2(c), 16)
+    _layer_norm_kernel[(q.numel() // c,)](
+        q, weight if weight is not None else out, bias if bias is not None else out, out, c, in_qp.scale,
+        in_qp.zero_point, eps, *_requant_args(out_qp, False), HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+        **NO_FMA)
     return out
 
 

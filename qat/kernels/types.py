@@ -157,6 +157,11 @@ class KernelBackend(Protocol):
 
     def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor: ...
 
+    def layer_norm(self, t: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
+                   out_qp: ActQParams | None) -> Tensor:
+        """LayerNorm over the last dim of the dequantized t (float32), requantized to out_qp when given."""
+        ...
+
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed: ...
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,

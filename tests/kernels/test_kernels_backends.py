@@ -300,3 +300,27 @@ def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name):
     got = on.backend.grid_op(pool, t, (), {})
     got = on.backend.quantize(pool(on.backend.dequantize(t, qp)), qp) if got is None else got
     assert torch.equal(on.back(got, qp), expected)
+
+
+# (shape, affine)
+LAYER_NORM_CASES = [((2, 7, 48), True), ((5, 100), True), ((3, 33), False), ((1, 4, 768), True)]
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("shape, affine", LAYER_NORM_CASES, ids=str)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_layer_norm(backend_name, shape, affine, signed, out):
+    """LayerNorm of the dequantized codes (over the last dim, odd widths included), requantized or float."""
+    on = OnBackend(backend_name)
+    in_qp = activation_qparams(signed, scale=0.05)
+    q = random_activation(shape, in_qp)
+    weight, bias = (torch.randn(shape[-1]), torch.randn(shape[-1])) if affine else (None, None)
+    on_device = [None if t is None else t.to(on.device) for t in (weight, bias)]
+    y_ref = REF.layer_norm(q, in_qp, weight, bias, 1e-6, None)
+    if out == "float":
+        assert_float_agree(on.back(on.backend.layer_norm(on.act(q, in_qp), in_qp, *on_device, 1e-6, None), None), y_ref)
+        return
+    out_qp = fitted_qparams(y_ref, signed)
+    got = on.back(on.backend.layer_norm(on.act(q, in_qp), in_qp, *on_device, 1e-6, out_qp), out_qp)
+    assert_quantized_agree(got, REF.layer_norm(q, in_qp, weight, bias, 1e-6, out_qp))
