@@ -32,7 +32,7 @@ from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, Quantiz
 from qat.quant.learnable import lsq_grad_scale
 from qat.quant.observers import RunningRule
 from qat.quant.spec import Granularity, QuantSpec
-from qat.quant.triton_fake_quant import NO_FMA, round_half_even
+from qat.quant.triton_fake_quant import NO_FMA, round_half_even, same_layout
 from qat.quant.triton_observers import device_steps, max_nan, merge_range_into_qparams, min_nan
 
 _BLOCK = 1024
@@ -209,8 +209,7 @@ class _FoldedWeightFakeQuantize(torch.autograd.Function):
         gamma_grad, scale_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if grad_y is None:
             grad_y = torch.zeros_like(weight)
-        if grad_y.stride() != weight.stride():
-            grad_y = torch.empty_like(weight, dtype=grad_y.dtype).copy_(grad_y)  # flat rows as the weight's
+        grad_y = same_layout(grad_y, weight)  # flat rows as the weight's
         grad_w = torch.empty_like(weight)
         grad_gamma = torch.empty_like(factor) if gamma_grad else None
         grad_scale = torch.empty(channels, device=weight.device, dtype=torch.float32) if scale_grad else None

@@ -193,9 +193,9 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
     return y, bits
 
 
-def _same_layout(grad: Tensor, like: Tensor) -> Tensor:
-    """grad in like's memory order: one flat index addresses both."""
-    return grad if grad.stride() == like.stride() else torch.empty_like(like).copy_(grad)
+def same_layout(grad: Tensor, like: Tensor) -> Tensor:
+    """grad (its dtype kept) in like's memory order: one flat index addresses both."""
+    return grad if grad.stride() == like.stride() else torch.empty_like(like, dtype=grad.dtype).copy_(grad)
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int) -> Te
 def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
               scale_grad: bool, zero_grad: bool) -> tuple[Tensor, Tensor | None]:
     """(grad_x, partial sums (2, rows) of the scale / zero-point gradients or None)."""
-    grad = _same_layout(grad, x)
+    grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
