@@ -177,6 +177,18 @@ def _layer_norm_decode(config, tensors, backend):
     return m
 
 
+def _softmax_decode(config, tensors, backend):
+    m = q8.Int8Softmax(_qp(config["in_qp"]), backend)
+    m.out_qp = _qp(config["out_qp"])
+    return m
+
+
+def _lookup_decode(config, tensors, backend):
+    m = q8.Int8Lookup(tensors["values"], _qp(config["in_qp"]), backend)
+    m.out_qp = _qp(config["out_qp"])
+    return m
+
+
 def _cat_decode(config, tensors, backend):
     m = q8.Int8Cat(tuple(_qp(q) for q in config["qps"]), config["dim"], backend)
     m.out_qp = _qp(config["out_qp"])
@@ -198,6 +210,11 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
                  _cat_decode),
     q8.KeepGrid: (_keep_grid_encode, _keep_grid_decode),
     q8.Int8LayerNorm: (_layer_norm_encode, _layer_norm_decode),
+    q8.Int8Softmax: (lambda m: ({"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp)}, {}), _softmax_decode),
+    q8.Int8Lookup: (lambda m: ({"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp)}, {"values": m.values}),
+                    _lookup_decode),
+    q8.Relabel: (lambda m: ({"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp)}, {}),
+                 lambda c, t, b: q8.Relabel(_qp(c["in_qp"]), _qp(c["out_qp"]), b)),
 }
 INT8_TYPES = {cls.__name__: cls for cls in INT8_CODECS}
 

@@ -51,6 +51,25 @@ CAT_FUNCTIONS: frozenset = frozenset({torch.cat, torch.concat, torch.concatenate
 SCALAR_MULTIPLY: frozenset = frozenset({operator.mul, torch.mul})
 SCALAR_DIVIDE: frozenset = frozenset({operator.truediv, torch.div})
 
+# softmax over a dim given as an argument (the last one is what int8 lowering takes)
+SOFTMAX_FUNCTIONS: frozenset = frozenset({torch.softmax, F.softmax})
+
+# elementwise float functions of one tensor (other arguments constant): over an int8 input, a table of its
+# 256 codes computes them (ReLU and ReLU6 keep the grid or fuse into layers instead)
+ELEMENTWISE_MODULES: frozenset = frozenset({
+    nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Mish,
+    nn.Softplus,
+})
+ELEMENTWISE_FUNCTIONS: frozenset = frozenset({
+    F.gelu, F.silu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.mish, F.softplus,
+})
+ELEMENTWISE_METHODS: frozenset = frozenset({"sigmoid", "tanh"})
+
+# modules that are the identity in eval mode
+EVAL_IDENTITY_MODULES: frozenset = frozenset({nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                              nn.AlphaDropout})
+
 # reads of a tensor's metadata that an int8 value answers as its float value would (not dtype)
 METADATA_ATTRIBUTES: frozenset = frozenset({"shape", "ndim", "device"})
 METADATA_METHODS: frozenset = frozenset({"size", "dim"})
@@ -128,3 +147,43 @@ def is_last_dim_layer_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool
     module = module_of(node, modules)
     return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and len(node.args) == 1 \
         and not node.kwargs
+
+
+def is_last_dim_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Softmax over dim -1 of one tensor in its own dtype: ``torch.softmax``, ``F.softmax``, ``x.softmax`` or
+    an ``nn.Softmax(dim=-1)`` module."""
+    module = module_of(node, modules)
+    if module is not None:
+        return type(module) is nn.Softmax and module.dim == -1 and len(node.args) == 1 and not node.kwargs
+    is_call = (node.op == "call_function" and node.target in SOFTMAX_FUNCTIONS) or (
+        node.op == "call_method" and node.target == "softmax")
+    if not is_call or len(node.args) > 2:
+        return False
+    kwargs = {k: v for k, v in node.kwargs.items() if k != "_stacklevel"}
+    dim = node.args[1] if len(node.args) == 2 else kwargs.pop("dim", None)
+    return dim == -1 and kwargs.pop("dtype", None) is None and not kwargs
+
+
+def elementwise_function(node: fx.Node, modules: dict[str, nn.Module]):
+    """The function a node applies elementwise to its first argument and nothing else read from the graph
+    (a module of the table, or a function / method of it), or None. In-place ones count only when nothing
+    else reads the input."""
+    if not node.args or node.all_input_nodes != [node.args[0]]:
+        return None
+    module = module_of(node, modules)
+    if node.op == "call_module":
+        fn = module if type(module) in ELEMENTWISE_MODULES else None
+        inplace = getattr(module, "inplace", False)
+    elif node.op == "call_function":
+        fn = node.target if node.target in ELEMENTWISE_FUNCTIONS else None
+        inplace = node.kwargs.get("inplace", False) or any(a is True for a in node.args[1:])
+    elif node.op == "call_method" and node.target in ELEMENTWISE_METHODS:
+        fn, inplace = getattr(torch, node.target), False
+    else:
+        return None
+    return None if inplace and len(node.args[0].users) > 1 else fn
+
+
+def is_eval_identity(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A call of a module that returns its input in eval mode (Dropout, Identity)."""
+    return type(module_of(node, modules)) in EVAL_IDENTITY_MODULES and len(node.args) == 1 and not node.kwargs

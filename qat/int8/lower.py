@@ -7,12 +7,16 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   QAT Conv/Linear with an int8 input             -> Int8Conv*/Int8Linear (BN folded, ReLU fused)
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
   LayerNorm (last dim) of an int8 value          -> Int8LayerNorm (requantized by its quantizer, if any)
-  int8 x * c, c a power of two (1/sqrt(d))       -> a Dequantize on x's scale times c
+  softmax (last dim) of an int8 value            -> Int8Softmax (likewise)
+  elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table)
+  int8 x * c, c a power of two (1/sqrt(d))       -> Relabel: x's codes on x's scale times c (no pass)
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
   shape / ndim / device / size() of an int8 value -> left reading the int8 value (no Dequantize)
   anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
+Dropout and Identity modules (the identity in eval mode) leave the graph first, so that they come between
+no op and its quantizer.
 """
 from __future__ import annotations
 
@@ -106,6 +110,7 @@ class _Lowering:
         self.value_map: dict[str, str] = {}  # activation quantizer name -> int8 node carrying its value
         self.relu6_ops: set[fx.Node] = set()  # layers with a fused ReLU6: their output clamp narrows
         self.count = 0
+        self.device = next(iter(gm.buffers()), torch.empty(0)).device  # where lookup tables are computed
 
     def _add_module(self, prefix: str, module: nn.Module) -> str:
         self.count += 1
@@ -141,6 +146,10 @@ class _Lowering:
                 self._keep_grid(node)
             elif self._int8_args(node.args[:1]) and patterns.is_last_dim_layer_norm(node, self.modules):
                 self._layer_norm(node)
+            elif self._int8_args(node.args[:1]) and patterns.is_last_dim_softmax(node, self.modules):
+                self._open_op(node, q8.Int8Softmax(self.grid[node.args[0]], self.backend), "softmax")
+            elif self._int8_args(node.args[:1]) and patterns.elementwise_function(node, self.modules) is not None:
+                self._lookup(node)
             else:
                 self._float_node(node)
 
@@ -217,15 +226,15 @@ class _Lowering:
         self.open_ops[new] = op
 
     def _fold_power_of_two(self, node: fx.Node) -> bool:
-        """``x * c`` on an int8 x with c a power of two (attention's 1/sqrt(d)): c joins the scale of x's
-        Dequantize, one pass instead of two, bit for bit (scaling by 2^k is exact in float32)."""
+        """``x * c`` on an int8 x with c a power of two (attention's 1/sqrt(d)): x's codes on a grid scaled by c,
+        bit for bit (scaling by 2^k is exact in float32), so the softmax after it reads int8 codes too."""
         scaled = patterns.power_of_two_factor(node)
         if scaled is None or scaled[0] not in self.grid:
             return False
         value, factor = scaled
         qp = self.grid[value]
-        self._replace(node, q8.Dequantize(dataclasses.replace(qp, scale=qp.scale * factor), self.backend),
-                      "dequantize", (value,))
+        relabel = q8.Relabel(qp, dataclasses.replace(qp, scale=qp.scale * factor), self.backend)
+        self.grid[self._replace(node, relabel, "relabel", (value,))] = relabel.out_qp
         return True
 
     def _fusable_conv(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -276,8 +285,18 @@ class _Lowering:
         self.grid[new] = qp
 
     def _layer_norm(self, node: fx.Node) -> None:
-        op = q8.Int8LayerNorm.from_float(self.modules[node.target], self.grid[node.args[0]], self.backend)
-        new = self._replace(node, op, "layer_norm", (node.args[0],))
+        self._open_op(node, q8.Int8LayerNorm.from_float(self.modules[node.target], self.grid[node.args[0]],
+                                                        self.backend), "layer_norm")
+
+    def _lookup(self, node: fx.Node) -> None:
+        fn = patterns.elementwise_function(node, self.modules)
+        op = q8.Int8Lookup.from_function(fn, tuple(node.args[1:]), dict(node.kwargs), self.grid[node.args[0]],
+                                         self.backend, self.device)
+        self._open_op(node, op, "lookup")
+
+    def _open_op(self, node: fx.Node, op: nn.Module, prefix: str) -> None:
+        """Replace a one-input node by ``op`` on its int8 input; its quantizer, if one follows, sets out_qp."""
+        new = self._replace(node, op, prefix, (node.args[0],))
         self.modules[new.target] = op
         self.open_ops[new] = op
 
@@ -294,6 +313,15 @@ class _Lowering:
             with self.gm.graph.inserting_after(value):
                 self.dequantized[value] = self.gm.graph.call_module(name, (value,))
         return self.dequantized[value]
+
+
+def _drop_eval_identities(gm: fx.GraphModule) -> None:
+    """Remove Dropout / Identity calls (the identity in an eval-mode graph): their readers read their input."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if patterns.is_eval_identity(node, modules):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -320,6 +348,7 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = N
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
+    _drop_eval_identities(gm)
     lowering = _Lowering(gm, backend, fuse_conv_add)
     lowering.run()
     _lower_leaf_layers(gm, backend)

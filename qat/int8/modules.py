@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qat.kernels import ActQParams, ConvGeometry, Int8Weight, get_backend
+from qat.kernels import ActQParams, ConvGeometry, Int8Weight, dequantize_activation, get_backend, quantize_activation
 
 
 class BackendModule(nn.Module):
@@ -72,6 +72,28 @@ class Requantize(BackendModule):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.backend.quantize(self.backend.dequantize(t, self.in_qp), self.out_qp)
+
+
+class Relabel(BackendModule):
+    """The same codes read on another grid: ``x * 2**k`` of an int8 x is x's codes with scale * 2**k (exact in
+    float32). No pass over the data on the reference and cuda backends (plain codes); fbgemm re-wraps them.
+
+    >>> r = Relabel(ActQParams(0.5, 0, -128, 127), ActQParams(0.0625, 0, -128, 127), "reference")
+    >>> r(torch.tensor([3], dtype=torch.int8))  # 1.5 read as 0.1875 = 1.5 / 8
+    tensor([3], dtype=torch.int8)
+    """
+
+    def __init__(self, in_qp: ActQParams, out_qp: ActQParams, backend: str):
+        super().__init__(backend)
+        if (in_qp.zero_point, in_qp.qmin, in_qp.qmax) != (out_qp.zero_point, out_qp.qmin, out_qp.qmax):
+            raise ValueError(f"a relabel keeps the codes: only the scale may change, got {in_qp} -> {out_qp}")
+        self.in_qp, self.out_qp = in_qp, out_qp
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.to_backend(self.backend.from_backend(t, self.in_qp), self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"scale {self.in_qp.scale:.4g} -> {self.out_qp.scale:.4g}"
 
 
 class Int8WeightLayer(BackendModule):
@@ -205,6 +227,77 @@ class Int8LayerNorm(BackendModule):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}, in={self.in_qp}, out={self.out_qp}, {self.backend_name}"
+
+
+class Int8Softmax(BackendModule):
+    """Softmax over the last dim of an int8 tensor: dequantize, softmax, and requantize to out_qp when an
+    activation quantizer follows (else float32 out), one pass on the cuda backend instead of three. The
+    float softmax's numbers up to the order of its sums (1 LSB at an exact rounding boundary)."""
+
+    def __init__(self, in_qp: ActQParams, backend: str):
+        super().__init__(backend)
+        self.in_qp = in_qp
+        self.out_qp: ActQParams | None = None
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.softmax(t, self.in_qp, self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_qp}, out={self.out_qp}, {self.backend_name}"
+
+
+class Int8Lookup(BackendModule):
+    """An elementwise float function of an int8 tensor (GELU, SiLU, sigmoid, ...) as a table over the input's
+    256 codes: ``values[c] = fn(dequantize(c))`` (float32), requantized to out_qp when an activation quantizer
+    follows (else the float values are the output). One gather pass instead of dequantize, fn, quantize, on
+    the values the fake-quant graph applies fn to: the same numbers as far as torch agrees with itself (its
+    vectorised and scalar GELU loops differ by ~1e-7, which requantized is 1 LSB at an exact rounding
+    boundary). Holds only the table, whatever the function, so exported models need no code for it.
+
+    >>> qp = ActQParams(scale=0.5, zero_point=128, qmin=0, qmax=255)
+    >>> m = Int8Lookup.from_function(torch.nn.functional.relu, (), {}, qp, "reference", torch.device("cpu"))
+    >>> m(torch.tensor([126, 128, 131], dtype=torch.uint8)).tolist()  # (q - 128) * 0.5, then relu
+    [0.0, 0.0, 1.5]
+    """
+
+    def __init__(self, values: torch.Tensor, in_qp: ActQParams, backend: str):
+        super().__init__(backend)
+        if values.shape != (256,):
+            raise ValueError(f"an Int8Lookup table has 256 entries, got shape {tuple(values.shape)}")
+        self.register_buffer("values", values.detach().float().clone())
+        self.in_qp = in_qp
+        self.out_qp: ActQParams | None = None
+        self._codes: tuple[tuple, torch.Tensor] | None = None  # ((out_qp, device), values requantized)
+
+    @classmethod
+    def from_function(cls, fn: Callable, args: tuple, kwargs: dict, in_qp: ActQParams, backend: str,
+                      device: torch.device) -> "Int8Lookup":
+        """The table of ``fn(x, *args, **kwargs)`` over the dequantized codes, computed on ``device`` (the
+        fake-quant model's, so that the same kernels compute the same values)."""
+        bits = torch.arange(256, dtype=torch.uint8, device=device)  # entry i: the code whose 8 bits are i
+        with torch.no_grad():
+            values = fn(dequantize_activation(bits.view(in_qp.dtype), in_qp), *args, **kwargs)
+        return cls(values, in_qp, backend)
+
+    def table(self) -> torch.Tensor:
+        """The float values, or their codes on out_qp (computed once per out_qp and device)."""
+        if self.out_qp is None:
+            return self.values
+        key = (self.out_qp, self.values.device)
+        if self._codes is None or self._codes[0] != key:
+            self._codes = (key, quantize_activation(self.values, self.out_qp))
+        return self._codes[1]
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.lookup(t, self.in_qp, self.table(), self.out_qp)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_codes"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_qp}, out={self.out_qp}, {self.backend_name}"
 
 
 class KeepGrid(BackendModule):

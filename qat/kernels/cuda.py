@@ -18,8 +18,8 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
 * ``conv2d_add`` fuses a residual add (+ReLU) into the conv epilogue: what the unfused graph computes
   (conv requantized to its grid, dequantized, added, requantized), bit for bit.
 * Grouped and depthwise convs: a direct Triton kernel (int32 on CUDA cores).
-* quantize / dequantize of dense tensors, add/mul of same-layout tensors, batched matmul, LayerNorm over
-  contiguous rows (dequantize, normalise, requantize in one pass): Triton kernels;
+* quantize / dequantize / table lookup of dense tensors, add/mul of same-layout tensors, batched matmul,
+  LayerNorm and softmax over contiguous rows (dequantize, normalise, requantize in one pass): Triton kernels;
   max-pooling runs on the codes (in float16, exact) instead of dequantizing.
 * Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: conv_transpose2d,
   add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
@@ -175,6 +175,18 @@ class CudaBackend:
         if t.is_contiguous() and t.shape[-1] <= self._triton.MAX_LAYER_NORM:
             return self._triton.layer_norm(t, in_qp, weight, bias, eps, out_qp)
         return _REFERENCE.layer_norm(t, in_qp, weight, bias, eps, out_qp)
+
+    def softmax(self, t: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
+        self._require_device(t)
+        if t.is_contiguous() and t.shape[-1] <= self._triton.MAX_SOFTMAX:
+            return self._triton.softmax(t, in_qp, out_qp)
+        return _REFERENCE.softmax(t, in_qp, out_qp)
+
+    def lookup(self, t: Tensor, in_qp: ActQParams, table: Tensor, out_qp: ActQParams | None) -> Tensor:
+        self._require_device(t)
+        if _is_dense(t):
+            return self._triton.lookup(t, table.to(t.device))
+        return _REFERENCE.lookup(t, in_qp, table, out_qp)
 
     def _on_device(self, weight: Int8Weight, bias: Tensor | None) -> tuple[Int8Weight, Tensor | None]:
         moved = Int8Weight(q=weight.q.to(self.device), scale=weight.scale.to(self.device))

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.reference import ReferenceBackend, conv2d_then_add, dequantize_activation, finish, make_packed
+from qat.kernels.reference import (ReferenceBackend, conv2d_then_add, dequantize_activation, finish, lookup_codes,
+                                   make_packed)
 from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -152,6 +153,14 @@ class FbgemmBackend:
     def layer_norm(self, t: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
                    out_qp: ActQParams | None) -> Tensor:
         y = _REFERENCE.layer_norm(self.from_backend(t, in_qp), in_qp, weight, bias, eps, out_qp)
+        return y if out_qp is None else self.to_backend(y, out_qp)
+
+    def softmax(self, t: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
+        y = _REFERENCE.softmax(self.from_backend(t, in_qp), in_qp, out_qp)
+        return y if out_qp is None else self.to_backend(y, out_qp)
+
+    def lookup(self, t: Tensor, in_qp: ActQParams, table: Tensor, out_qp: ActQParams | None) -> Tensor:
+        y = lookup_codes(self.from_backend(t, in_qp), table)
         return y if out_qp is None else self.to_backend(y, out_qp)
 
     def _requantized(self, y: Tensor, out_qp: ActQParams | None, relu: bool) -> Tensor:

@@ -56,6 +56,16 @@ def finish(y: Tensor, out_qp: ActQParams | None, relu: bool) -> Tensor:
     return requantize(y, out_qp, relu)
 
 
+def lookup_codes(q: Tensor, table: Tensor) -> Tensor:
+    """``table[code]`` for every code of ``q`` (uint8 or int8: the code's 8 bits index the 256 entries), in
+    q's shape and memory layout.
+
+    >>> lookup_codes(torch.tensor([0, -1], dtype=torch.int8), torch.arange(256.0))  # -1 is bits 255
+    tensor([  0., 255.])
+    """
+    return table.to(q.device)[q.view(torch.uint8).long()]
+
+
 def output_multiplier(x_qp: ActQParams, weight: Int8Weight) -> Tensor:
     """``s_x * s_w[c]`` computed in float32, one value per output channel."""
     return weight.scale * x_qp.scale
@@ -118,6 +128,12 @@ class ReferenceBackend:
                    out_qp: ActQParams | None) -> Tensor:
         y = F.layer_norm(dequantize_activation(t, in_qp), t.shape[-1:], weight, bias, eps)
         return finish(y, out_qp, relu=False)
+
+    def softmax(self, t: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
+        return finish(torch.softmax(dequantize_activation(t, in_qp), dim=-1), out_qp, relu=False)
+
+    def lookup(self, t: Tensor, in_qp: ActQParams, table: Tensor, out_qp: ActQParams | None) -> Tensor:
+        return lookup_codes(t, table)
 
     def dequantize(self, t: Tensor, qp: ActQParams) -> Tensor:
         return dequantize_activation(t, qp)

@@ -1,5 +1,5 @@
 """Triton kernels of the cuda backend: int8 GEMM (Linear, 1x1 conv), implicit-GEMM conv, direct grouped conv,
-elementwise quantize / dequantize / add / mul, batched matmul, row LayerNorm.
+elementwise quantize / dequantize / add / mul / table lookup, batched matmul, row LayerNorm and softmax.
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
 Every kernel ends with the project's requantization (float ops rounded one by one, no FMA),
@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from qat.kernels.types import ActQParams, conv_output_size
 from qat.quant.triton_fake_quant import NO_FMA, round_half_even
@@ -30,6 +31,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _ELEMENTWISE_BLOCK = 1024
 _BMM_BLOCK = (64, 64, 64)
 MAX_LAYER_NORM = 16384  # a row's channels held by one program
+MAX_SOFTMAX = 16384  # likewise for softmax rows
+_SOFTMAX_ELEMENTS = 2048  # elements per softmax program: short rows (attention's 197 keys) share a program
 _BMM_STAGES = 2  # ViT-B/16 attention on an H200: weights @ v 546 us against 655 us with 3 stages, q @ k^T 349 vs 359
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
@@ -291,6 +294,38 @@ def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, C, scale, zero, eps, inv_sc
 
 
 @triton.jit
+def _softmax_kernel(q_ptr, out_ptr, rows, C, scale, zero, inv_scale, out_zero, lo, hi, OUT_FLOAT: tl.constexpr,
+                    ACCURATE_EXP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """ROWS rows of C codes: dequantize, exp(x - max) / sum like torch's softmax, store (requantized or float).
+
+    ``ACCURATE_EXP``: CUDA's expf (libdevice), what torch's softmax calls, instead of Triton's fast exp2 path
+    (the interpreter has no libdevice; its tl.exp is numpy's)."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK)
+    inside = (row < rows)[:, None] & (cols < C)[None, :]
+    offs = row.to(tl.int64)[:, None] * C + cols[None, :]
+    x = (tl.load(q_ptr + offs, mask=inside, other=0).to(tl.float32) - zero) * scale
+    x = tl.where(inside, x, float("-inf"))  # columns past C: exp gives 0
+    real_row = row < rows  # rows past the end: shifted by 0 and divided by 1, never stored
+    shifted = x - tl.where(real_row, tl.max(x, axis=1), 0.0)[:, None]
+    if ACCURATE_EXP:
+        e = libdevice.exp(shifted)
+    else:
+        e = tl.exp(shifted)
+    y = e / tl.where(real_row, tl.sum(e, axis=1), 1.0)[:, None]
+    _store_output(out_ptr + offs, y, inside, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
+
+
+@triton.jit
+def _lookup_kernel(q_ptr, table_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """out = table[code] with the code's 8 bits as the index (int8 -1 reads entry 255)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    index = tl.load(q_ptr + offs, mask=mask, other=0).to(tl.int32) & 255
+    tl.store(out_ptr + offs, tl.load(table_ptr + index, mask=mask), mask=mask)
+
+
+@triton.jit
 def _dequantize_kernel(q_ptr, out_ptr, n, scale, zero_point, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -485,6 +520,28 @@ def layer_norm(q: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor
         in_qp.zero_point, eps, *_requant_args(out_qp, False), HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, BLOCK=block, num_warps=4 if block <= 2048 else 8,
         **NO_FMA)
+    return out
+
+
+def softmax(q: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
+    """Softmax over the last dim of a contiguous int8 tensor (rows up to MAX_SOFTMAX), several short rows per
+    program."""
+    c = q.shape[-1]
+    rows = q.numel() // c
+    out = torch.empty_like(q, dtype=torch.float32 if out_qp is None else out_qp.dtype)
+    block = max(triton.next_power_of_2(c), 16)
+    per_program = max(1, _SOFTMAX_ELEMENTS // block)
+    _softmax_kernel[(triton.cdiv(rows, per_program),)](
+        q, out, rows, c, in_qp.scale, in_qp.zero_point, *_requant_args(out_qp, False), OUT_FLOAT=out_qp is None,
+        ACCURATE_EXP=not INTERPRET, ROWS=per_program, BLOCK=block, num_warps=4 if block <= 2048 else 8, **NO_FMA)
+    return out
+
+
+def lookup(q: Tensor, table: Tensor) -> Tensor:
+    """``table[code]`` for every code of a dense uint8/int8 tensor (its memory layout kept); 256 entries."""
+    out = torch.empty_like(q, dtype=table.dtype)
+    n = q.numel()
+    _lookup_kernel[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](q, table, out, n, BLOCK=_ELEMENTWISE_BLOCK)
     return out
 
 

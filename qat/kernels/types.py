@@ -162,6 +162,15 @@ class KernelBackend(Protocol):
         """LayerNorm over the last dim of the dequantized t (float32), requantized to out_qp when given."""
         ...
 
+    def softmax(self, t: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
+        """Softmax over the last dim of the dequantized t (float32), requantized to out_qp when given."""
+        ...
+
+    def lookup(self, t: Tensor, in_qp: ActQParams, table: Tensor, out_qp: ActQParams | None) -> Tensor:
+        """``table[code]`` for every code of t (its 8 bits index 256 entries): codes of out_qp's dtype when
+        out_qp is given, else float32 values."""
+        ...
+
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed: ...
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,

@@ -189,16 +189,52 @@ def test_shape_reads_of_int8_values_need_no_dequantize(monkeypatch, backend):
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])
-def test_attention_scale_folds_into_the_dequantize(monkeypatch, backend):
-    """scores * 1/sqrt(d) (a power of two) on the int8 QK^T output costs no pass of its own: the factor joins
-    the Dequantize's scale, and the outputs are those of dequantize-then-multiply, bit for bit."""
+def test_attention_scale_relabels_the_scores(monkeypatch, backend):
+    """scores * 1/sqrt(d) (a power of two) on the int8 QK^T output costs no pass of its own: the same codes on
+    a grid scaled by the factor (a Relabel), and the outputs are those of dequantize-then-multiply, bit for bit."""
     from qat.fx import patterns
+    from qat.int8.modules import Relabel
 
     prepared, batches = _synthetic("tiny_transformer")
     folded = convert(prepared, backend)
     multiplies = lambda gm: [n for n in gm.graph.nodes if patterns.power_of_two_factor(n)]  # noqa: E731
     assert multiplies(prepared) and not multiplies(folded)
+    assert sum(isinstance(m, Relabel) for m in folded.modules()) == len(multiplies(prepared))
     monkeypatch.setattr(patterns, "power_of_two_factor", lambda node: None)
     unfolded = convert(prepared, backend)
     with torch.no_grad():
         assert torch.equal(folded(*batches[0]), unfolded(*batches[0]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+def test_softmax_and_gelu_run_on_codes(monkeypatch, backend):
+    """Attention's softmax and the MLP's GELU read int8 codes (Int8Softmax, a GELU table) instead of a
+    Dequantize, Dropout between them and their quantizers included, and every int8 value of the graph is
+    the one the float path (dequantize, softmax / GELU, quantize) computes, within 1 LSB."""
+    from qat.fx import patterns
+    from qat.int8.modules import Dequantize, Int8Lookup, Int8Softmax
+
+    prepared, batches = _synthetic("tiny_transformer")
+    int8 = convert(prepared, backend)
+    modules = dict(int8.named_modules())
+    kinds = [type(modules.get(n.target)) for n in int8.graph.nodes if n.op == "call_module"]
+    prepared_modules = dict(prepared.named_modules())
+    softmaxes = [n for n in prepared.graph.nodes if patterns.is_last_dim_softmax(n, prepared_modules)]
+    gelus = [m for m in prepared.modules() if isinstance(m, torch.nn.GELU)]
+    assert softmaxes and gelus and kinds.count(Int8Softmax) == len(softmaxes) and kinds.count(Int8Lookup) == len(gelus)
+    for node in int8.graph.nodes:
+        if isinstance(modules.get(node.target), (Int8Softmax, Int8Lookup)):
+            assert not isinstance(modules.get(node.args[0].target), Dequantize)
+            assert modules[node.target].out_qp is not None  # requantized in the same pass
+    monkeypatch.setattr(patterns, "is_last_dim_softmax", lambda node, modules: False)
+    monkeypatch.setattr(patterns, "elementwise_function", lambda node, modules: None)
+    float_path = convert(prepared, backend)
+    assert not any(isinstance(m, (Int8Softmax, Int8Lookup)) for m in float_path.modules())
+    ours, theirs = _reference_values(int8, batches[0][0]), _reference_values(float_path, batches[0][0])
+    quantizers = int8.qat_value_map.keys() & float_path.qat_value_map.keys()  # the same quantizer, both graphs
+    assert len(quantizers) > 10
+    for quantizer in quantizers:
+        a, b = (get_backend(backend).from_backend(values[gm.qat_value_map[quantizer]], gm.qat_grids[
+            gm.qat_value_map[quantizer]]).int() for gm, values in ((int8, ours), (float_path, theirs)))
+        diff = (a - b).abs()
+        assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999, quantizer

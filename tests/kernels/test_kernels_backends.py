@@ -324,3 +324,50 @@ def test_layer_norm(backend_name, shape, affine, signed, out):
     out_qp = fitted_qparams(y_ref, signed)
     got = on.back(on.backend.layer_norm(on.act(q, in_qp), in_qp, *on_device, 1e-6, out_qp), out_qp)
     assert_quantized_agree(got, REF.layer_norm(q, in_qp, weight, bias, 1e-6, out_qp))
+
+
+# (shape): attention rows (197 keys), a short odd row, a wide row, one row
+SOFTMAX_SHAPES = [(2, 3, 5, 197), (7, 13), (3, 1000), (1, 1)]
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES, ids=str)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_softmax(backend_name, shape, signed, out):
+    """Softmax over the last dim of the dequantized codes, requantized (probabilities on uint8) or float."""
+    on = OnBackend(backend_name)
+    in_qp = activation_qparams(signed, scale=0.08)
+    q = random_activation(shape, in_qp)
+    y_ref = REF.softmax(q, in_qp, None)
+    torch.testing.assert_close(y_ref.sum(-1), torch.ones(shape[:-1]))
+    if out == "float":
+        assert_float_agree(on.back(on.backend.softmax(on.act(q, in_qp), in_qp, None), None), y_ref)
+        return
+    out_qp = ActQParams(scale=1 / 255, zero_point=0, qmin=0, qmax=255)
+    expected = REF.softmax(q, in_qp, out_qp)
+    assert torch.equal(expected, REF.quantize(y_ref, out_qp))
+    assert_quantized_agree(on.back(on.backend.softmax(on.act(q, in_qp), in_qp, out_qp), out_qp), expected)
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_lookup(backend_name, signed, out):
+    """Every code reads the table entry its 8 bits index (int8 -1 reads entry 255), in the input's layout: a
+    GELU table equals GELU of the dequantized codes."""
+    on = OnBackend(backend_name)
+    in_qp = activation_qparams(signed)
+    q = random_activation((2, 6, 5, 7), in_qp)
+    q.view(-1)[:2] = torch.tensor([in_qp.qmin, in_qp.qmax], dtype=in_qp.dtype)
+    q = q.contiguous(memory_format=torch.channels_last)
+    values = torch.nn.functional.gelu(REF.dequantize(torch.arange(256, dtype=torch.uint8).view(in_qp.dtype), in_qp))
+    out_qp = None if out == "float" else activation_qparams(signed)
+    table = values if out_qp is None else REF.quantize(values, out_qp)
+    got = on.back(on.backend.lookup(on.act(q, in_qp), in_qp, table.to(on.device), out_qp), out_qp)
+    expected = torch.nn.functional.gelu(REF.dequantize(q, in_qp))  # torch's GELU loops differ by ~1e-7
+    if out_qp is None:
+        assert_float_agree(got, expected)
+    else:
+        assert_quantized_agree(got, REF.quantize(expected, out_qp))
+    assert got.stride() == q.stride()
