@@ -101,8 +101,9 @@ def _fuses_relu(module: nn.Module | None) -> bool:
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool):
+    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool, int8_activations: bool):
         self.gm, self.backend, self.fuse_conv_add = gm, backend, fuse_conv_add
+        self.int8_activations = int8_activations
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
         self.open_ops: dict[fx.Node, nn.Module] = {}  # int8 ops whose output qparams are not set yet
@@ -171,6 +172,7 @@ class _Lowering:
         qp = act_qparams(fq, relu6=producer in self.relu6_ops)
         if qp is None:
             return self._float_node(node)  # dynamic quantizer: stays fake-quant in float
+        qp = qp.as_int8() if self.int8_activations else qp
         quantizer_name = node.target[len(ACT_CONTAINER) + 1:]
         if producer in self.open_ops:  # the op's requantize epilogue takes the quantizer's place
             self.open_ops.pop(producer).out_qp = qp
@@ -329,29 +331,34 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_path) if parent_path else root, name, module)
 
 
-def _lower_leaf_layers(gm: fx.GraphModule, backend: str) -> None:
+def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool) -> None:
     """Self-quantizing QAT layers inside leaf modules: quantize input, int8 compute, float output."""
     for name, module in list(gm.named_modules()):
         if isinstance(module, QuantizedWeightModule) and module.input_fq is not None:
             in_qp = act_qparams(module.input_fq)
             if in_qp is not None:
+                in_qp = in_qp.as_int8() if int8_activations else in_qp
                 layer = int8_layer(module, name, in_qp, backend)
                 _set_submodule(gm, name, nn.Sequential(q8.Quantize(in_qp, backend), layer))
 
 
-def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None) -> fx.GraphModule:
+def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None,
+          int8_activations: bool | None = None) -> fx.GraphModule:
     """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
-    (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike)."""
+    (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike).
+    int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
+    kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
     unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
     fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
+    int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
-    lowering = _Lowering(gm, backend, fuse_conv_add)
+    lowering = _Lowering(gm, backend, fuse_conv_add, int8_activations)
     lowering.run()
-    _lower_leaf_layers(gm, backend)
+    _lower_leaf_layers(gm, backend, int8_activations)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

@@ -132,6 +132,7 @@ class CudaBackend:
 
     name = "cuda"
     fuses_conv_add = True
+    int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
     def __init__(self) -> None:
         if not (torch.cuda.is_available() or _INTERPRET):

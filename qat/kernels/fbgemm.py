@@ -121,6 +121,7 @@ class FbgemmBackend:
 
     name = "fbgemm"
     fuses_conv_add = False
+    int8_activations = False  # quint8 is its native type: int8 activations cost a pass each way
 
     def __init__(self) -> None:
         self.engine = select_engine()

@@ -111,6 +111,7 @@ class ReferenceBackend:
 
     name = "reference"
     fuses_conv_add = False
+    int8_activations = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
         return None  # plain uint8/int8 tensors: callers dequantize, apply, quantize (exact)

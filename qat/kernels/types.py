@@ -63,6 +63,17 @@ class ActQParams:
         """Lower clamp bound of a fused ReLU: ``max(qmin, zero_point)``."""
         return max(self.qmin, self.zero_point)
 
+    def as_int8(self) -> "ActQParams":
+        """The same values on int8 codes, ``q - 128`` with zero point ``z - 128`` (a uint8 grid moved down by
+        128; int8 grids unchanged): for kernels whose tensor-core operands are signed.
+
+        >>> ActQParams(0.5, 3, 0, 255).as_int8()
+        ActQParams(scale=0.5, zero_point=-125, qmin=-128, qmax=127)
+        """
+        if self.dtype == torch.int8:
+            return self
+        return ActQParams(self.scale, self.zero_point - 128, self.qmin - 128, self.qmax - 128)
+
     @property
     def full_range(self) -> bool:
         """True when [qmin, qmax] is the whole range of ``dtype``."""
@@ -188,6 +199,10 @@ class KernelBackend(Protocol):
 
     fuses_conv_add: bool
     """Class attribute: True when ``conv2d_add`` is one fused kernel (lowering then fuses residual adds)."""
+
+    int8_activations: bool
+    """Class attribute: True when the backend's kernels are faster on int8 than on uint8 activations (lowering
+    then moves every uint8 grid to its int8 equivalent, ``ActQParams.as_int8``: the same values)."""
 
     def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:

@@ -81,7 +81,8 @@ def _reference_values(int8, x):
 
 def _assert_backend_matches_reference(prepared, x, backend, device):
     # the same graph (fused conv + add where the backend fuses them) computed by the reference kernels
-    reference = lower(prepared, "reference", fuse_conv_add=KERNEL_BACKENDS[backend].fuses_conv_add)
+    reference = lower(prepared, "reference", fuse_conv_add=KERNEL_BACKENDS[backend].fuses_conv_add,
+                      int8_activations=KERNEL_BACKENDS[backend].int8_activations)
     ref_values = _reference_values(reference, x)
     fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
     prepared.cpu()
@@ -238,3 +239,18 @@ def test_softmax_and_gelu_run_on_codes(monkeypatch, backend):
             gm.qat_value_map[quantizer]]).int() for gm, values in ((int8, ours), (float_path, theirs)))
         diff = (a - b).abs()
         assert diff.max() <= 1 and (diff == 0).float().mean() >= 0.999, quantizer
+
+
+@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
+@pytest.mark.parametrize("name", ["tiny_transformer", "mobilenet_v2"])
+def test_int8_activation_grids_compute_the_same_values(name, backend):
+    """Carrying uint8 grids as their int8 equivalents (codes 128 lower, what the cuda backend's signed
+    tensor-core operands want) changes no value: outputs bit for bit, every grid int8."""
+    prepared, batches = _synthetic(name)
+    unsigned, signed = (lower(prepared, backend, int8_activations=flag) for flag in (False, True))
+    assert any(qp.dtype == torch.uint8 for qp in unsigned.qat_grids.values())
+    assert all(qp.dtype == torch.int8 for qp in signed.qat_grids.values())
+    assert signed.qat_grids.keys() == unsigned.qat_grids.keys()
+    assert all(signed.qat_grids[k] == unsigned.qat_grids[k].as_int8() for k in signed.qat_grids)
+    with torch.no_grad():
+        assert torch.equal(signed(*batches[0]), unsigned(*batches[0]))
