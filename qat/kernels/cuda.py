@@ -20,7 +20,8 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
 * Grouped and depthwise convs: a direct Triton kernel (int32 on CUDA cores).
 * quantize / dequantize / table lookup of dense tensors, add/mul of same-layout tensors, batched matmul,
   LayerNorm and softmax over contiguous rows (dequantize, normalise, requantize in one pass): Triton kernels;
-  max-pooling runs on the codes (in float16, exact) instead of dequantizing.
+  max-pooling runs on the codes (nn.MaxPool2d: a Triton kernel; other max-pools: torch's in float16, exact)
+  instead of dequantizing.
 * Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: conv_transpose2d,
   add/mul with broadcasting, cat with differing qparams (same qparams: ``torch.cat``).
 
@@ -49,6 +50,17 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 K_ALIGN = 32  # = triton_kernels.K_ALIGN (not imported here: importing Triton waits for the backend)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _MAX_POOL_FUNCTIONS = frozenset({F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d})
+
+
+def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """torch's pooling output extent: with ceil_mode a last window may overhang, but must start inside."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -148,8 +160,15 @@ class CudaBackend:
                 raise ValueError(f"the cuda kernel backend needs {self.device.type} tensors, got one on {t.device}")
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
-        """Max-pooling on the codes: it commutes with the increasing map q -> (q - z) * s, and float16 holds every
-        8-bit code exactly. Other ops: None (callers dequantize, apply, quantize)."""
+        """Max-pooling on the codes: it commutes with the increasing map q -> (q - z) * s. An nn.MaxPool2d on a
+        4-d tensor is one Triton kernel; other max-pools run torch's on float16 (which holds every 8-bit code
+        exactly). Other ops: None (callers dequantize, apply, quantize)."""
+        if type(fn) is nn.MaxPool2d and not fn.return_indices and not args and not kwargs and t.dim() == 4:
+            kernel, stride, padding, dilation = (_as_pair(getattr(fn, name)) for name in (
+                "kernel_size", "stride", "padding", "dilation"))
+            out_size = tuple(_pool_output_size(*dims, fn.ceil_mode) for dims in zip(
+                t.shape[2:], kernel, stride, padding, dilation))
+            return self._triton.max_pool2d(t, out_size, kernel, stride, padding, dilation)
         if isinstance(fn, _MAX_POOLS) or (not isinstance(fn, nn.Module) and fn in _MAX_POOL_FUNCTIONS):
             return fn(t.half(), *args, **kwargs).to(t.dtype)
         return None

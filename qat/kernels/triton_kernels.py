@@ -36,6 +36,7 @@ _SOFTMAX_ELEMENTS = 512  # elements per softmax program (short rows share one): 
 # H200, 2 rows on 2 warps 295 us, 8 rows on 4 warps 347 us, 32 rows on 8 warps 760 us (copy: 64 us)
 _BMM_STAGES = 2  # ViT-B/16 attention on an H200: weights @ v 546 us against 655 us with 3 stages, q @ k^T 349 vs 359
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
+_POOL_BLOCK = (32, 64)  # output pixels, channels
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
 
 
@@ -320,6 +321,28 @@ def _softmax_kernel(q_ptr, out_ptr, rows, C, scale, zero, inv_scale, out_zero, l
 
 
 @triton.jit
+def _max_pool_kernel(x_ptr, out_ptr, M, C, H, W, HO, WO, sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW,
+                     KH: tl.constexpr, KW: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
+    """Max over each window of the codes, output pixels m = (b, ho, wo) x channels, NHWC rows out; taps outside
+    the image take no part (torch's -inf padding)."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rc = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = rm % M
+    wo = m % WO
+    ho = (m // WO) % HO
+    base = (m // (WO * HO)).to(tl.int64) * sxn
+    best = tl.full((BM, BC), -1024, dtype=tl.int32)
+    for tap in tl.static_range(KH * KW):
+        hi = ho * SH - PH + (tap // KW) * DH
+        wi = wo * SW - PW + (tap % KW) * DW
+        inside = ((hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None] & (rc < C)[None, :]
+        ptrs = x_ptr + (base + hi * sxh + wi * sxw)[:, None] + (rc * sxc)[None, :]
+        best = tl.maximum(best, tl.where(inside, tl.load(ptrs, mask=inside, other=0).to(tl.int32), -1024))
+    mask = (rm < M)[:, None] & (rc < C)[None, :]
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * C + rc[None, :], best.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _lookup_kernel(q_ptr, table_ptr, out_ptr, n, BLOCK: tl.constexpr):
     """out = table[code] with the code's 8 bits as the index (int8 -1 reads entry 255)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -350,9 +373,13 @@ def _binary_kernel(a_ptr, b_ptr, out_ptr, n, a_scale, a_zero, b_scale, b_zero, i
 @triton.jit
 def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, so0, so1, som, son,
                 a_offset, b_offset, mult, inv_scale, zero_point, lo, hi, A_UNSIGNED: tl.constexpr,
-                B_UNSIGNED: tl.constexpr, OUT_FLOAT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                BK: tl.constexpr):
-    """Batch (outer, inner) = divmod(program_id(2), INNER); every operand addressed through its own strides."""
+                B_UNSIGNED: tl.constexpr, A_ROWS: tl.constexpr, B_COLS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Batch (outer, inner) = divmod(program_id(2), INNER); every operand addressed through its own strides.
+
+    The zero-point corrections need a's row sums (``A_ROWS``, when b_offset != 0) and b's column sums
+    (``B_COLS``, when a_offset != 0): products with a tile of ones on the tensor cores, cheaper than
+    reductions across threads every K step. Padding reads as signed 0 (uint8 128)."""
     outer, inner = tl.program_id(2) // INNER, tl.program_id(2) % INNER
     a_ptr += outer.to(tl.int64) * sa0 + inner.to(tl.int64) * sa1
     b_ptr += outer.to(tl.int64) * sb0 + inner.to(tl.int64) * sb1
@@ -361,20 +388,26 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, 
     rn = tl.program_id(1) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    a_rows = tl.zeros((BM,), dtype=tl.int32)
-    b_cols = tl.zeros((BN,), dtype=tl.int32)
+    a_rows = tl.zeros((BM, 16), dtype=tl.int32)  # every column: the row sums so far
+    b_cols = tl.zeros((16, BN), dtype=tl.int32)  # every row: the column sums so far
     for k0 in range(0, K, BK):
         a_mask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
         b_mask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
-        a = tl.load(a_ptr + rm[:, None] * sam + (k0 + rk[None, :]) * sak, mask=a_mask, other=0)
-        b = tl.load(b_ptr + (k0 + rk[:, None]) * sbk + rn[None, :] * sbn, mask=b_mask, other=0)
-        a = tl.where(a_mask, _signed(a, A_UNSIGNED), 0).to(tl.int8)
-        b = tl.where(b_mask, _signed(b, B_UNSIGNED), 0).to(tl.int8)
-        acc += tl.dot(a, b, out_dtype=tl.int32)
-        a_rows += tl.sum(a.to(tl.int32), axis=1)
-        b_cols += tl.sum(b.to(tl.int32), axis=0)
+        a = _signed(tl.load(a_ptr + rm[:, None] * sam + (k0 + rk[None, :]) * sak, mask=a_mask,
+                            other=128 * A_UNSIGNED), A_UNSIGNED)
+        b = _signed(tl.load(b_ptr + (k0 + rk[:, None]) * sbk + rn[None, :] * sbn, mask=b_mask,
+                            other=128 * B_UNSIGNED), B_UNSIGNED)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if A_ROWS:
+            a_rows = tl.dot(a, tl.full((BK, 16), 1, tl.int8), a_rows, out_dtype=tl.int32)
+        if B_COLS:
+            b_cols = tl.dot(tl.full((16, BK), 1, tl.int8), b, b_cols, out_dtype=tl.int32)
     # sum_k (a_s + a_off)(b_s + b_off) = a_s.b_s + b_off*rows(a_s) + a_off*cols(b_s) + K*a_off*b_off
-    acc += b_offset * a_rows[:, None] + a_offset * b_cols[None, :] + K * a_offset * b_offset
+    if A_ROWS:
+        acc += b_offset * tl.max(a_rows, axis=1)[:, None]
+    if B_COLS:
+        acc += a_offset * tl.max(b_cols, axis=0)[None, :]
+    acc += K * a_offset * b_offset
     y = acc.to(tl.float32) * mult
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     _store_output(out_ptr + rm[:, None] * som + rn[None, :] * son, y, mask, inv_scale, zero_point, lo, hi,
@@ -541,6 +574,21 @@ def softmax(q: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
     return out
 
 
+def max_pool2d(x: Tensor, out_size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int],
+               padding: tuple[int, int], dilation: tuple[int, int]) -> Tensor:
+    """Max-pooling of the codes of ``x`` [B, C, H, W] (any strides; channels_last reads whole pixels) to
+    ``out_size``: a channels_last [B, C, Ho, Wo] tensor of x's dtype."""
+    batch, c, h, w = x.shape
+    ho, wo = out_size
+    out = torch.empty(batch, ho, wo, c, dtype=x.dtype, device=x.device)  # NHWC rows
+    m = batch * ho * wo
+    bm, bc = _POOL_BLOCK
+    _max_pool_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+        x, out, m, c, h, w, ho, wo, *x.stride(), *stride, *padding, *dilation, KH=kernel[0], KW=kernel[1], BM=bm,
+        BC=bc, num_warps=4)
+    return out.permute(0, 3, 1, 2)  # [B, Ho, Wo, C] -> NCHW view of channels_last memory
+
+
 def lookup(q: Tensor, table: Tensor) -> Tensor:
     """``table[code]`` for every code of a dense uint8/int8 tensor (its memory layout kept); 256 entries."""
     out = torch.empty_like(q, dtype=table.dtype)
@@ -574,8 +622,9 @@ def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, o
         out = torch.empty(outer, inner, m, n, dtype=dtype, device=a.device)
     bm, bn, bk = _BMM_BLOCK
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), outer * inner)
-    _bmm_kernel[grid](a, b, out, m, n, k, inner, *a.stride(), *b.stride(), *out.stride(), signed_offset(a_qp),
-                      signed_offset(b_qp), mult, *_requant_args(out_qp, False),
-                      A_UNSIGNED=a.dtype == torch.uint8, B_UNSIGNED=b.dtype == torch.uint8,
+    a_offset, b_offset = signed_offset(a_qp), signed_offset(b_qp)
+    _bmm_kernel[grid](a, b, out, m, n, k, inner, *a.stride(), *b.stride(), *out.stride(), a_offset, b_offset, mult,
+                      *_requant_args(out_qp, False), A_UNSIGNED=a.dtype == torch.uint8,
+                      B_UNSIGNED=b.dtype == torch.uint8, A_ROWS=b_offset != 0, B_COLS=a_offset != 0,
                       OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, num_stages=_BMM_STAGES, **NO_FMA)
     return out

@@ -1,6 +1,8 @@
 """Every backend of the table against the reference backend, on random int8 data."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from kernel_cases import (
@@ -289,12 +291,34 @@ def test_conv2d_add_matches_unfused_graph(backend_name, case, relus):
         assert int(expected.min()) >= out_qp.zero_point
 
 
+# (MaxPool2d arguments, channels_last input)
+MAX_POOL_CASES = [(dict(kernel_size=3, stride=2, padding=1), True), (dict(kernel_size=2), True),
+                  (dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True), True),
+                  (dict(kernel_size=3, stride=1, padding=1, dilation=2), False)]
+
+
+def test_pool_output_size_is_torchs():
+    """The cuda max-pool's output extent, ceil_mode included, against torch's on every small geometry."""
+    from qat.kernels.cuda import _pool_output_size
+
+    for size, k, s, p, d, ceil in itertools.product(range(1, 12), range(1, 5), range(1, 4), range(3), (1, 2),
+                                                    (False, True)):
+        if p <= k // 2 and d * (k - 1) + 1 <= size + 2 * p:
+            expected = torch.nn.functional.max_pool1d(torch.zeros(1, 1, size), k, s, p, d, ceil).shape[-1]
+            assert _pool_output_size(size, k, s, p, d, ceil) == expected, (size, k, s, p, d, ceil)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("case", MAX_POOL_CASES, ids=str)
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
-def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name):
+def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name, case, signed):
+    """Max-pooling the codes equals dequantize, pool, quantize (padding taking no part), any geometry."""
     on = OnBackend(backend_name)
-    qp = activation_qparams(False, activation_qmax(backend_name))
-    x = random_activation((2, 5, 9, 9), qp).contiguous(memory_format=torch.channels_last)
-    pool = torch.nn.MaxPool2d(3, stride=2, padding=1)
+    kwargs, channels_last = case
+    qp = activation_qparams(signed, activation_qmax(backend_name))
+    x = random_activation((2, 70, 9, 10), qp)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    pool = torch.nn.MaxPool2d(**kwargs)
     expected = REF.quantize(pool(REF.dequantize(x, qp)), qp)
     t = on.act(x, qp)
     got = on.backend.grid_op(pool, t, (), {})
