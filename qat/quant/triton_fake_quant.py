@@ -22,12 +22,14 @@ outermost in memory (weights on axis 0, any per-tensor tensor); otherwise the ch
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 from qat.quant.affine import SCALE_EPS, is_dense
 from qat.quant.spec import Granularity, QuantSpec
@@ -43,9 +45,16 @@ LSQ_BACKWARD_BLOCK = 2048
 NO_FMA = {"enable_fp_fusion": False}
 
 
+# the GPU's round-to-nearest-even instruction (libdevice rint); Triton's interpreter has no libdevice
+_HARDWARE_RINT: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
 @triton.jit
 def round_half_even(x):
-    """Like ``torch.round``: exact for every float32 (``x - floor(x)`` is exact)."""
+    """Like ``torch.round``: one instruction on the GPU; under the interpreter from floor, exact for every
+    float32 (``x - floor(x)`` is exact)."""
+    if _HARDWARE_RINT:
+        return libdevice.rint(x)
     f = tl.floor(x)
     frac = x - f
     f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
