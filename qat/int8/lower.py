@@ -149,8 +149,8 @@ class _Lowering:
                 self._layer_norm(node)
             elif self._int8_args(node.args[:1]) and patterns.is_last_dim_softmax(node, self.modules):
                 self._open_op(node, q8.Int8Softmax(self.grid[node.args[0]], self.backend), "softmax")
-            elif self._int8_args(node.args[:1]) and patterns.elementwise_function(node, self.modules) is not None:
-                self._lookup(node)
+            elif self._int8_args(node.args[:1]) and (fn := patterns.elementwise_function(node, self.modules)):
+                self._lookup(node, fn)
             else:
                 self._float_node(node)
 
@@ -290,8 +290,7 @@ class _Lowering:
         self._open_op(node, q8.Int8LayerNorm.from_float(self.modules[node.target], self.grid[node.args[0]],
                                                         self.backend), "layer_norm")
 
-    def _lookup(self, node: fx.Node) -> None:
-        fn = patterns.elementwise_function(node, self.modules)
+    def _lookup(self, node: fx.Node, fn) -> None:
         op = q8.Int8Lookup.from_function(fn, tuple(node.args[1:]), dict(node.kwargs), self.grid[node.args[0]],
                                          self.backend, self.device)
         self._open_op(node, op, "lookup")

@@ -43,17 +43,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat.kernels.reference import ReferenceBackend, conv2d_then_add, make_packed
-from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed
+from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed, as_pair
 
 _REFERENCE = ReferenceBackend()
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 K_ALIGN = 32  # = triton_kernels.K_ALIGN (not imported here: importing Triton waits for the backend)
 _MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
 _MAX_POOL_FUNCTIONS = frozenset({F.max_pool1d, F.max_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d})
-
-
-def _as_pair(value: int | Sequence[int]) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def _pool_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
@@ -164,7 +160,7 @@ class CudaBackend:
         4-d tensor is one Triton kernel; other max-pools run torch's on float16 (which holds every 8-bit code
         exactly). Other ops: None (callers dequantize, apply, quantize)."""
         if type(fn) is nn.MaxPool2d and not fn.return_indices and not args and not kwargs and t.dim() == 4:
-            kernel, stride, padding, dilation = (_as_pair(getattr(fn, name)) for name in (
+            kernel, stride, padding, dilation = (as_pair(getattr(fn, name), name) for name in (
                 "kernel_size", "stride", "padding", "dilation"))
             out_size = tuple(_pool_output_size(*dims, fn.ceil_mode) for dims in zip(
                 t.shape[2:], kernel, stride, padding, dilation))

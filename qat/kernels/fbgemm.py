@@ -154,19 +154,20 @@ class FbgemmBackend:
     def layer_norm(self, t: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
                    out_qp: ActQParams | None) -> Tensor:
         y = _REFERENCE.layer_norm(self.from_backend(t, in_qp), in_qp, weight, bias, eps, out_qp)
-        return y if out_qp is None else self.to_backend(y, out_qp)
+        return self._out(y, out_qp)
 
     def softmax(self, t: Tensor, in_qp: ActQParams, out_qp: ActQParams | None) -> Tensor:
-        y = _REFERENCE.softmax(self.from_backend(t, in_qp), in_qp, out_qp)
-        return y if out_qp is None else self.to_backend(y, out_qp)
+        return self._out(_REFERENCE.softmax(self.from_backend(t, in_qp), in_qp, out_qp), out_qp)
 
     def lookup(self, t: Tensor, in_qp: ActQParams, table: Tensor, out_qp: ActQParams | None) -> Tensor:
-        y = lookup_codes(self.from_backend(t, in_qp), table)
+        return self._out(lookup_codes(self.from_backend(t, in_qp), table), out_qp)
+
+    def _out(self, y: Tensor, out_qp: ActQParams | None) -> Tensor:
+        """A plain result as this backend's output: float32 as is, codes on out_qp wrapped as quint8."""
         return y if out_qp is None else self.to_backend(y, out_qp)
 
     def _requantized(self, y: Tensor, out_qp: ActQParams | None, relu: bool) -> Tensor:
-        out = finish(y, out_qp, relu)
-        return out if out_qp is None else self.to_backend(out, out_qp)
+        return self._out(finish(y, out_qp, relu), out_qp)
 
     def pack_linear(self, weight: Int8Weight, bias: Tensor | None) -> Packed:
         packed = _REFERENCE.pack_linear(weight, bias)
@@ -258,4 +259,4 @@ class FbgemmBackend:
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor:
         y = _REFERENCE.matmul(self.from_backend(a, a_qp), a_qp, self.from_backend(b, b_qp), b_qp, out_qp)
-        return y if out_qp is None else self.to_backend(y, out_qp)
+        return self._out(y, out_qp)

@@ -80,7 +80,8 @@ class ActQParams:
         return (self.qmin, self.qmax) == _DTYPE_RANGES[self.dtype]
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """``value`` as (h, w): an int repeated, or a sequence of two."""
     pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair, got {value!r}")
@@ -99,7 +100,7 @@ class ConvGeometry:
 
     def __post_init__(self) -> None:
         for name in ("stride", "padding", "dilation", "output_padding"):
-            object.__setattr__(self, name, _pair(getattr(self, name), name))
+            object.__setattr__(self, name, as_pair(getattr(self, name), name))
         if self.groups < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"invalid conv geometry {self}")
 
