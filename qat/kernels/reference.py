@@ -66,6 +66,18 @@ def lookup_codes(q: Tensor, table: Tensor) -> Tensor:
     return table.to(q.device)[q.view(torch.uint8).long()]
 
 
+def requantize_table(in_qp: ActQParams, out_qp: ActQParams, device: torch.device | str = "cpu") -> Tensor:
+    """The 256 codes of ``in_qp`` (entry i: the code whose 8 bits are i) dequantized and requantized to
+    ``out_qp``, so that ``lookup_codes(q, table)`` requantizes ``q`` with this module's arithmetic.
+
+    >>> table = requantize_table(ActQParams(0.5, 0, -128, 127), ActQParams(1.0, 0, -128, 127))
+    >>> lookup_codes(torch.tensor([3, -4], dtype=torch.int8), table).tolist()  # 1.5 and -2.0, halves to even
+    [2, -2]
+    """
+    bits = torch.arange(256, dtype=torch.uint8, device=device)
+    return requantize(dequantize_activation(bits.view(in_qp.dtype), in_qp), out_qp)
+
+
 def output_multiplier(x_qp: ActQParams, weight: Int8Weight) -> Tensor:
     """``s_x * s_w[c]`` computed in float32, one value per output channel."""
     return weight.scale * x_qp.scale

@@ -15,6 +15,7 @@ does), dequantized, added to the dequantized residual and requantized to the add
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ _SOFTMAX_ELEMENTS = 512  # elements per softmax program (short rows share one): 
 _BMM_STAGES = 2  # ViT-B/16 attention on an H200: weights @ v 546 us against 655 us with 3 stages, q @ k^T 349 vs 359
 _GROUPED_BLOCK = (64, 64, 4)  # output pixels, output channels, warps
 _POOL_BLOCK = (32, 64)  # output pixels, channels
+_PAD_PIXELS = 256  # pixels per program of the few-channel conv's padded copy
 K_ALIGN = 32  # packed weights pad K (or C per tap) to this; every tile's BK is a multiple of it
 
 
@@ -58,10 +60,12 @@ class Tile:
 # Hopper int8 wgmma wants K steps of 32; shared memory per stage is (BM + BN) * BK bytes (<= 49 KB here).
 TILES = (Tile(128, 256, 64, 8, 3), Tile(128, 128, 128, 8, 3), Tile(128, 128, 64, 8, 4), Tile(128, 64, 64, 4, 4),
          Tile(64, 128, 64, 4, 4), Tile(64, 64, 64, 4, 4), Tile(64, 64, 32, 4, 4))
-# One tile, valid for every shape (BK = 32), without benchmarking: under the interpreter (no GPU timer) and
-# where QAT_TRITON_AUTOTUNE=0 (the tests: correctness only, far fewer compilations).
+# One tile per kernel, valid for every shape, without benchmarking: under the interpreter (no GPU timer) and
+# where QAT_TRITON_AUTOTUNE=0 (the tests: correctness only, far fewer compilations). BK = 32 divides every
+# tap-major C_PAD; BK = 128 is a multiple of every row-packed RP.
 AUTOTUNE = not INTERPRET and os.environ.get("QAT_TRITON_AUTOTUNE", "1") != "0"
-_TUNED_TILES = TILES if AUTOTUNE else TILES[-1:]
+_UNTUNED_TILE = TILES[-1]
+_UNTUNED_ROW_TILE = Tile(64, 64, 128, 4, 4)
 
 
 def _bench(fn, quantiles=None, **_):
@@ -70,17 +74,19 @@ def _bench(fn, quantiles=None, **_):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles whose BK divides the per-tap channel padding (tap-major conv); only BM = 64 tiles for small M."""
+    """Tiles whose K step reads one tap (tap-major conv: BK divides C_PAD) or whole kernel rows (row-packed
+    conv: RP divides BK); only BM = 64 tiles for small M."""
     args = {**named_args, **kwargs}
-    tap_major = "C_PAD" in args and not args["PACKED"]  # one K step must not straddle two taps
-    kept = [c for c in configs if not tap_major or args["C_PAD"] % c.kwargs["BK"] == 0]
+    kept = [c for c in configs if "C_PAD" not in args or args["C_PAD"] % c.kwargs["BK"] == 0]
+    kept = [c for c in kept if "RP" not in args or c.kwargs["BK"] % args["RP"] == 0]
     small = [c for c in kept if c.kwargs["BM"] == 64]
     return small if args["M"] <= 64 and small else kept
 
 
-def _autotune(key):
+def _autotune(key, untuned: Tile = _UNTUNED_TILE):
     timing = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {"warmup": 5, "rep": 20}
-    return triton.autotune([t.config() for t in _TUNED_TILES], key=key, prune_configs_by={"early_config_prune": _prune},
+    tiles = TILES if AUTOTUNE else (untuned,)
+    return triton.autotune([t.config() for t in tiles], key=key, prune_configs_by={"early_config_prune": _prune},
                            **timing)
 
 
@@ -181,16 +187,15 @@ def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
 def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, C, H, W, HO, WO,
                  sxn, sxc, sxh, sxw, SH, SW, PH, PW, DH, DW, C_PAD, K_LOOP, K_PAD, x_zero, x_offset, x_scale,
                  inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale,
-                 KH: tl.constexpr, KW: tl.constexpr, PACKED: tl.constexpr, X_UNSIGNED: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 EVEN_C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """Implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n.
+                 KH: tl.constexpr, KW: tl.constexpr, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_C: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tap-major implicit-GEMM conv: out[m, n] over output pixels m = (b, ho, wo) and channels n.
 
-    Tap-major (``PACKED`` false): K = (kh, kw, c) with each tap's channels padded to ``C_PAD`` (a multiple of
-    BK), so one K step reads one tap: a row offset and a row mask per step. Packed (few channels, e.g. the RGB
-    stem): K = (kh, kw, c) without padding, the tap of every K column computed on the fly. Either way ``w`` is
-    ``[N, K_PAD]`` K-major and ``K_LOOP`` the K extent walked. Taps outside the image read the zero point, so
-    ``signed(x) + x_offset == 0`` there, like zero padding.
+    K = (kh, kw, c) with each tap's channels padded to ``C_PAD`` (a multiple of BK), so one K step reads one
+    tap: a row offset and a row mask per step. ``w`` is ``[N, K_PAD]`` K-major and ``K_LOOP`` the K extent
+    walked. Taps outside the image read the zero point, so ``signed(x) + x_offset == 0`` there, like zero
+    padding.
     """
     pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -205,30 +210,68 @@ def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
     b_ptrs = w_ptr + (rn % N)[None, :] * K_PAD + rk[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     for k0 in range(0, K_LOOP, BK):
-        if PACKED:
-            k = k0 + rk
-            tap = k // C
-            kh = tap // KW
-            kw = tap % KW
-            hi_ = h0[:, None] + (kh * DH)[None, :]
-            wi_ = w0[:, None] + (kw * DW)[None, :]
-            inside = (hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W) & (k < K_LOOP)[None, :]
-            a_ptrs = x_ptr + row_base[:, None] + (kh * DH * sxh + kw * DW * sxw + (k % C) * sxc)[None, :]
-            b = tl.load(b_ptrs, mask=(k < K_LOOP)[:, None], other=0)
-        else:
-            tap = k0 // C_PAD
-            kh = tap // KW
-            kw = tap % KW
-            c = k0 % C_PAD + rk
-            hi_ = h0 + kh * DH
-            wi_ = w0 + kw * DW
-            inside = ((hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W))[:, None]
-            if not EVEN_C:
-                inside = inside & (c < C)[None, :]
-            a_ptrs = x_ptr + (row_base + kh * DH * sxh + kw * DW * sxw)[:, None] + c[None, :] * sxc
-            b = tl.load(b_ptrs)
-        a = tl.load(a_ptrs, mask=inside, other=x_zero)
-        acc = tl.dot(_signed(a, X_UNSIGNED), b, acc, out_dtype=tl.int32)
+        tap = k0 // C_PAD
+        kh = tap // KW
+        kw = tap % KW
+        c = k0 % C_PAD + rk
+        hi_ = h0 + kh * DH
+        wi_ = w0 + kw * DW
+        inside = ((hi_ >= 0) & (hi_ < H) & (wi_ >= 0) & (wi_ < W))[:, None]
+        if not EVEN_C:
+            inside = inside & (c < C)[None, :]
+        a = tl.load(x_ptr + (row_base + kh * DH * sxh + kw * DW * sxw)[:, None] + c[None, :] * sxc, mask=inside,
+                    other=x_zero)
+        acc = tl.dot(_signed(a, X_UNSIGNED), tl.load(b_ptrs), acc, out_dtype=tl.int32)
+        b_ptrs += BK
+    acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
+    _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
+
+
+@triton.jit
+def _pad_pixels_kernel(x_ptr, out_ptr, PIXELS, C, H, W, HP, WP, sxn, sxc, sxh, sxw, PH, PW, zero,
+                       PIXEL: tl.constexpr, BP: tl.constexpr):
+    """``out`` [B, HP, WP, PIXEL] (dense) = the codes of x [B, C, H, W] (any strides) at (PH, PW); the border,
+    the channels past C and the columns past PW + W hold the zero point."""
+    p = tl.program_id(0) * BP + tl.arange(0, BP)
+    c = tl.arange(0, PIXEL)
+    wp = p % WP
+    hp = (p // WP) % HP
+    h = hp - PH
+    w = wp - PW
+    inside = ((h >= 0) & (h < H) & (w >= 0) & (w < W) & (p < PIXELS))[:, None] & (c < C)[None, :]
+    ptrs = x_ptr + ((p // (WP * HP)).to(tl.int64) * sxn + h * sxh + w * sxw)[:, None] + (c * sxc)[None, :]
+    tl.store(out_ptr + p.to(tl.int64)[:, None] * PIXEL + c[None, :], tl.load(ptrs, mask=inside, other=zero),
+             mask=(p < PIXELS)[:, None])
+
+
+@_autotune(key=["M", "N", "K_LOOP", "RP"], untuned=_UNTUNED_ROW_TILE)
+@triton.jit
+def _conv_rows_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, HO, WO, sxn, sxh,
+                      PIXEL_STEP, K_LOOP, x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero,
+                      mid_lo, mid_hi, mid_scale, res_zero, res_scale, SH, RP: tl.constexpr, ALIGN: tl.constexpr,
+                      X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                      RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """Row-packed implicit-GEMM conv of a padded copy ``x`` [B, HP, WP, PIXEL] (``_pad_pixels_kernel``): K =
+    (kh, RP bytes of one kernel row: kw, c), so a K step reads BK // RP whole rows of every window, contiguous
+    bytes without masks. Bytes past a window's row (and rows past the kernel) meet zero weights; the copy has
+    slack after its end for them. ``PIXEL_STEP`` = stride_w * PIXEL bytes between neighbouring windows."""
+    pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    m = rm % M  # rows past M repeat real rows
+    wo = m % WO
+    ho = (m // WO) % HO
+    window = tl.multiple_of((m // (WO * HO)).to(tl.int64) * sxn + ho * SH * sxh + wo * PIXEL_STEP, ALIGN)
+    a_ptrs = x_ptr + window[:, None] + ((rk // RP) * sxh + rk % RP)[None, :]
+    b_ptrs = w_ptr + (rn % N)[None, :] * K_LOOP + rk[:, None]
+    acc = tl.zeros((BM, BN), dtype=tl.int32)
+    for _ in range(0, K_LOOP, BK):
+        acc = tl.dot(_signed(tl.load(a_ptrs), X_UNSIGNED), tl.load(b_ptrs), acc, out_dtype=tl.int32)
+        a_ptrs += (BK // RP) * sxh
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
@@ -486,26 +529,58 @@ def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor
     return out
 
 
-def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, packed_taps: bool, wsum: Tensor, w_scale: Tensor,
+def conv_gemm(x: Tensor, x_qp: ActQParams, w: Tensor, c_pad: int, wsum: Tensor, w_scale: Tensor,
               bias: Tensor | None, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
               dilation: tuple[int, int], out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
               config: Tile | None = None) -> Tensor:
-    """Implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any strides): ``[B*Ho*Wo, N]`` (NHWC rows).
+    """Tap-major implicit-GEMM int8 conv of ``x`` [B, C, H, W] (any strides): ``[B*Ho*Wo, N]`` (NHWC rows).
 
-    ``w`` is ``[N, K_pad]``: tap-major with ``c_pad`` channels per tap, or ``packed_taps`` (see ``_conv_kernel``).
+    ``w`` is ``[N, K_pad]`` with ``c_pad`` channels per tap (see ``_conv_kernel``).
     """
     batch, c, h, wd = x.shape
     (kh, kw), (ho, wo) = kernel, conv_output_size((h, wd), kernel, stride, padding, dilation)
     m, n = batch * ho * wo, w.shape[0]
-    k_loop = kh * kw * c if packed_taps else kh * kw * c_pad
     out = _out(m, n, out_qp, x.device)
     scalars, flags = _epilogue_args(out_qp, relu, residual)
     args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
-            m, n, c, h, wd, ho, wo, *x.stride(), *stride, *padding, *dilation, c_pad, k_loop, w.shape[1],
+            m, n, c, h, wd, ho, wo, *x.stride(), *stride, *padding, *dilation, c_pad, kh * kw * c_pad, w.shape[1],
             x_qp.zero_point, signed_offset(x_qp), x_qp.scale, *scalars)
     _launch(_conv_kernel, _tiles_grid(m, n), args,
-            dict(KH=kh, KW=kw, PACKED=packed_taps, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
-                 **flags), config)
+            dict(KH=kh, KW=kw, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags), config)
+    return out
+
+
+def conv_rows(x: Tensor, x_qp: ActQParams, w: Tensor, pixel: int, row_bytes: int, wsum: Tensor, w_scale: Tensor,
+              bias: Tensor | None, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+              out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
+              config: Tile | None = None) -> Tensor:
+    """Row-packed int8 conv (few channels, dilation 1) of ``x`` [B, C, H, W] (any strides): ``[B*Ho*Wo, N]``.
+
+    The codes are first copied to a padded [B, H + 2 ph, Wp, ``pixel``] tensor (zero point around and past C,
+    Wp rounded up to 4 pixels), then ``_conv_rows_kernel`` reads whole kernel rows of it. ``w`` is
+    ``[N, K_pad]``, columns (kh, kw, c) with ``row_bytes`` per kernel row (a power of two dividing every K step
+    of the row kernel) and ``pixel`` channels per tap, K_pad a multiple of every tile's K step.
+    """
+    batch, c, h, wd = x.shape
+    (kh, kw), (ho, wo) = kernel, conv_output_size((h, wd), kernel, stride, padding, (1, 1))
+    hp, wp = h + 2 * padding[0], -(-(wd + 2 * padding[1]) // 4) * 4
+    pixels, row_stride = batch * hp * wp, wp * pixel
+    k_loop = w.shape[1]
+    slack = (k_loop // row_bytes - kh) * row_stride + row_bytes  # rows past the kernel, bytes past a window row
+    padded = torch.empty(pixels * pixel + slack, dtype=x.dtype, device=x.device)
+    _pad_pixels_kernel[(triton.cdiv(pixels, _PAD_PIXELS),)](
+        x, padded, pixels, c, h, wd, hp, wp, *x.stride(), *padding, x_qp.zero_point, PIXEL=pixel, BP=_PAD_PIXELS)
+    m, n = batch * ho * wo, w.shape[0]
+    out = _out(m, n, out_qp, x.device)
+    scalars, flags = _epilogue_args(out_qp, relu, residual)
+    window_step = stride[1] * pixel
+    align = math.gcd(16, window_step, stride[0] * row_stride, hp * row_stride)
+    args = (padded, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows,
+            out, m, n, ho, wo, hp * row_stride, row_stride, window_step, k_loop, signed_offset(x_qp), x_qp.scale,
+            *scalars, stride[0])
+    _launch(_conv_rows_kernel, _tiles_grid(m, n), args,
+            dict(RP=row_bytes, ALIGN=align, X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags),
+            config)
     return out
 
 

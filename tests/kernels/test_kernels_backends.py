@@ -43,6 +43,9 @@ CONV_CASES = [
     (1, 24, 5, 5, 10, 1, 1, 0, 1, 1, False),  # 1x1 stride 1 on NCHW input: the conv kernel, not the GEMM
     (1, 8, 9, 9, 12, 3, 1, 1, 1, 4, True),  # groups with 3 outputs per group
     (1, 6, 9, 9, 6, 5, 1, 4, 2, 6, False),  # depthwise 5x5, dilation 2, NCHW
+    (2, 3, 32, 32, 8, 16, 16, 0, 1, 1, True),  # ViT patch embedding: row-packed, 64-byte kernel rows
+    (1, 16, 12, 12, 8, 9, 1, 4, 1, 1, True),  # few channels but 9 x 16-channel taps per row: tap-major
+    (2, 32, 9, 9, 20, 1, 2, 0, 1, 1, True),  # 1x1 stride 2 on channels_last: subsampled rows, GEMM
 ]
 
 # (N, C, H, W, out, kernel, stride, padding, output_padding, groups, per-channel)

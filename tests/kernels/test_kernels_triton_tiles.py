@@ -28,9 +28,10 @@ REF = ReferenceBackend()
 DEVICE = DEVICES["cuda"]
 TILES = [pytest.param(t, id=f"{t.bm}x{t.bn}x{t.bk}_w{t.warps}_s{t.stages}") for t in tk.TILES]
 
-# (N, C, H, W, out, kernel, stride, padding): tap-major even / padded channels, packed taps, 1x1 GEMM
+# (N, C, H, W, out, kernel, stride, padding): tap-major even / padded channels, row-packed (4-channel
+# pixels, 32-byte rows; 16-channel pixels, 64-byte rows), 1x1 GEMM
 CONV_SHAPES = [(1, 64, 5, 6, 40, 3, 1, 1), (2, 40, 7, 7, 33, 3, 2, 1), (1, 3, 11, 11, 16, 7, 2, 3),
-               (1, 128, 4, 4, 20, 1, 1, 0)]
+               (2, 13, 6, 7, 24, 3, 2, 1), (1, 128, 4, 4, 20, 1, 1, 0)]
 
 
 @pytest.mark.parametrize("tile", TILES)
@@ -53,8 +54,8 @@ def test_conv_tile_with_residual(tile, shape):
     n, c, h, w, k, kernel, stride, padding = shape
     weight, bias = random_weight((k, c, kernel, kernel)), torch.randn(k)
     gw = cuda.pack_gemm_weight(weight.q.to(DEVICE))
-    if not gw.packed_taps and gw.c_pad % tile.bk:
-        pytest.skip("the autotuner prunes tiles whose K step straddles two taps")
+    if (gw.c_pad % tile.bk if not gw.row_bytes else tile.bk % gw.row_bytes):
+        pytest.skip("the autotuner prunes tiles whose K step straddles two taps or part of a kernel row")
     x_qp = activation_qparams(False)
     x = random_activation((n, c, h, w), x_qp).contiguous(memory_format=torch.channels_last)
     packed = REF.pack_conv2d(weight, bias, ConvGeometry(stride=stride, padding=padding))
@@ -68,17 +69,21 @@ def test_conv_tile_with_residual(tile, shape):
     if kernel == 1:
         rows = x.to(DEVICE).permute(0, 2, 3, 1).reshape(-1, c)  # [N*H*W, C]
         got = tk.linear(rows, x_qp, gw.w, gw.wsum, *args, out_qp, True, residual, config=tile)
+    elif gw.row_bytes:
+        got = tk.conv_rows(x.to(DEVICE), x_qp, gw.w, gw.c_pad, gw.row_bytes, gw.wsum, *args, (kernel, kernel),
+                           (stride, stride), (padding, padding), out_qp, True, residual, config=tile)
     else:
-        got = tk.conv_gemm(x.to(DEVICE), x_qp, gw.w, gw.c_pad, gw.packed_taps, gw.wsum, *args, (kernel, kernel),
-                           (stride, stride), (padding, padding), (1, 1), out_qp, True, residual, config=tile)
+        got = tk.conv_gemm(x.to(DEVICE), x_qp, gw.w, gw.c_pad, gw.wsum, *args, (kernel, kernel), (stride, stride),
+                           (padding, padding), (1, 1), out_qp, True, residual, config=tile)
     assert_quantized_agree(got.cpu(), expected.permute(0, 2, 3, 1).reshape(-1, k))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning times kernels on a GPU")
 def test_autotuned_kernels_match_reference(monkeypatch):
-    """The autotuner itself (all tiles, pruning, timing) on a padded tap-major conv and a ragged-K GEMM."""
-    for kernel in (tk._conv_kernel, tk._gemm_kernel):
+    """The autotuner itself (all tiles, pruning, timing) on a padded tap-major conv, a row-packed stem conv
+    and a ragged-K GEMM."""
+    for kernel in (tk._conv_kernel, tk._conv_rows_kernel, tk._gemm_kernel):
         monkeypatch.setattr(kernel, "configs", [t.config() for t in tk.TILES])
         monkeypatch.setattr(kernel, "cache", {})
     backend = cuda.CudaBackend()
@@ -90,6 +95,13 @@ def test_autotuned_kernels_match_reference(monkeypatch):
     out_qp = fitted_qparams(REF.conv2d(x, x_qp, packed))
     got = backend.conv2d(x.cuda(), x_qp, backend.pack_conv2d(weight, bias, geometry), out_qp, relu=True)
     assert_quantized_agree(got.cpu(), REF.conv2d(x, x_qp, packed, out_qp, relu=True))
+    image = random_activation((3, 3, 30, 30), x_qp).contiguous(memory_format=torch.channels_last)
+    stem, stem_bias = random_weight((16, 3, 7, 7)), torch.randn(16)
+    geometry = ConvGeometry(stride=2, padding=3)
+    packed = REF.pack_conv2d(stem, stem_bias, geometry)
+    out_qp = fitted_qparams(REF.conv2d(image, x_qp, packed))
+    got = backend.conv2d(image.cuda(), x_qp, backend.pack_conv2d(stem, stem_bias, geometry), out_qp, relu=True)
+    assert_quantized_agree(got.cpu(), REF.conv2d(image, x_qp, packed, out_qp, relu=True))
     rows = random_activation((300, 200), x_qp)
     lin = random_weight((72, 200))
     lin_qp = fitted_qparams(REF.linear(rows, x_qp, REF.pack_linear(lin, None)))
