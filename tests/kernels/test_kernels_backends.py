@@ -261,7 +261,7 @@ def test_fbgemm_depthwise_full_range_inputs_do_not_saturate():
 CONV_ADD_CASES = [
     (2, 16, 6, 6, 24, 1, 1, 0, 1, True),  # 1x1 bottleneck expansion: the GEMM path
     (1, 40, 7, 7, 36, 3, 1, 1, 1, True),  # 3x3: the implicit-GEMM path
-    (1, 3, 9, 9, 8, 3, 2, 1, 1, False),  # packed taps, residual in NCHW memory
+    (1, 3, 9, 9, 8, 3, 2, 1, 1, False),  # row-packed few-channel conv, residual in NCHW memory
     (1, 8, 6, 6, 8, 3, 1, 1, 8, True),  # depthwise: composed, not fused
 ]
 
