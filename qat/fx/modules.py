@@ -66,58 +66,66 @@ def _normalize(y: torch.Tensor, weight, bias, mean: torch.Tensor, invstd: torch.
 
 
 class _BatchNormOfScaled(torch.autograd.Function):
-    """BatchNorm (batch statistics) of y = y_scaled / |factor|, computed from y_scaled: per channel,
+    """BatchNorm (batch statistics, weight gamma) of y = y_scaled / factor, computed from y_scaled with weight
+    |gamma| (f has gamma's sign, so y_scaled / |f| has y's): per channel,
     (y - mean_y) / sqrt(var_y + eps) = (y_scaled - mean_s) / sqrt(var_s + eps * factor^2), updating the
     running statistics with y's. Forward: one statistics pass and one normalising pass over y_scaled
-    (on CUDA BatchNorm's own kernels, with one Triton launch for the per-channel arithmetic; on the CPU
-    BatchNorm's statistics kernel and one addcmul); backward: BatchNorm's own, plus the gradient to `factor`
+    (on CUDA BatchNorm's own kernels, with one Triton launch each way for the per-channel arithmetic, |gamma|
+    and its gradient included; on the CPU BatchNorm's statistics kernel and one addcmul); backward:
+    BatchNorm's own, plus the gradient to `factor`
     through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values. That term
     cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small only where
     var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row with few non-zero
     codes), so it is kept. Eager mode only: torch.compile takes :func:`_bn_of_scaled_traced`."""
 
     @staticmethod
-    def forward(ctx, y_scaled, weight, bias, factor, eps: float, running: _RunningStats):
+    def forward(ctx, y_scaled, gamma, bias, factor, eps: float, running: _RunningStats):
         count = y_scaled.numel() // y_scaled.shape[1]
         if y_scaled.is_cuda:
             from qat.fx.triton_batchnorm import finish_batch_stats
 
             mean, invstd0 = torch.batch_norm_stats(y_scaled, 0.0)  # eps 0: a constant channel reports 0
-            invstd = finish_batch_stats(mean, invstd0, factor, eps, running.mean, running.var, running.conv_bias,
-                                        running.momentum, count)
+            invstd, weight = finish_batch_stats(mean, invstd0, factor, eps, running.mean, running.var,
+                                                running.conv_bias, running.momentum, count, gamma)
             out = torch.batch_norm_elemt(y_scaled, weight, bias, mean, invstd, 0.0)
         else:  # BatchNorm's statistics kernel: channels_last aware, an order of magnitude faster than var_mean
             mean, var = torch.batch_norm_update_stats(y_scaled.float(), None, None, 0.0)  # (mean, biased var)
             invstd = torch.rsqrt(torch.addcmul(var, factor, factor, value=eps))
             running.update(mean, var, factor, count)
+            weight = gamma.abs() if gamma is not None else None
             out = _normalize(y_scaled, weight, bias, mean, invstd)
-        ctx.save_for_backward(y_scaled, weight, mean, invstd, factor)
+        ctx.save_for_backward(y_scaled, gamma, weight, mean, invstd, factor)
         ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        y_scaled, weight, mean, invstd, factor = ctx.saved_tensors
-        factor_grad = ctx.needs_input_grad[3]
-        wanted = [ctx.needs_input_grad[0], weight is not None and (ctx.needs_input_grad[1] or factor_grad),
-                  ctx.needs_input_grad[2]]
+        y_scaled, gamma, weight, mean, invstd, factor = ctx.saved_tensors
+        gamma_grad, factor_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        scale_grads = gamma is not None and (gamma_grad or factor_grad)
         grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad.contiguous(memory_format=_memory_format(y_scaled)), y_scaled, weight, None, None, mean, invstd,
-            True, 0.0, wanted,
+            True, 0.0, [ctx.needs_input_grad[0], scale_grads, ctx.needs_input_grad[2]],
         )
-        grad_factor = None
-        if factor_grad and weight is not None:  # d out / d invstd * d invstd / d f, summed per channel
-            grad_factor = grad_weight * weight * factor * invstd.square() * -ctx.eps
-        grad_weight = grad_weight if ctx.needs_input_grad[1] else None
-        return grad_y, grad_weight, grad_bias, grad_factor, None, None
+        grad_gamma = grad_factor = None
+        if scale_grads and y_scaled.is_cuda:
+            from qat.fx.triton_batchnorm import scale_grads as fused_scale_grads
+
+            grad_gamma, grad_factor = fused_scale_grads(grad_weight, gamma, factor, invstd, ctx.eps, gamma_grad,
+                                                        factor_grad)
+        elif scale_grads:  # weight = |gamma|; f enters through invstd's eps term: d out / d invstd * d invstd / d f
+            grad_gamma = grad_weight * gamma.sgn() if gamma_grad else None
+            grad_factor = grad_weight * weight * factor * invstd.square() * -ctx.eps if factor_grad else None
+        return grad_y, grad_gamma, grad_bias, grad_factor, None, None
 
 
-def _bn_of_scaled_traced(y_scaled, weight, bias, factor, eps: float, running: _RunningStats) -> torch.Tensor:
+def _bn_of_scaled_traced(y_scaled, gamma, bias, factor, eps: float, running: _RunningStats) -> torch.Tensor:
     """:class:`_BatchNormOfScaled` as plain differentiable ops, which torch.compile fuses (autograd derives
     the same gradients, the eps term included)."""
     dims = [d for d in range(y_scaled.dim()) if d != 1]
     var, mean = torch.var_mean(y_scaled.float(), dim=dims, correction=0)
     running.update(mean.detach(), var.detach(), factor, y_scaled.numel() // y_scaled.shape[1])
+    weight = gamma.abs() if gamma is not None else None
     return _normalize(y_scaled, weight, bias, mean, torch.rsqrt(var + eps * factor * factor))
 
 
@@ -214,12 +222,11 @@ class QuantizedWeightModule(nn.Module):
             factor = factor * bn.weight if bn.weight is not None else factor
             weight = self.weight_fq(self.weight * self._broadcast(factor))
         y_scaled = self._compute(x, weight, None)
-        gamma = bn.weight.abs() if bn.weight is not None else None  # y_scaled / |f| has y's sign: f has gamma's
         momentum = bn.momentum if bn.momentum is not None else 0.1  # as before: no cumulative average
         running = _RunningStats(bn.running_mean, bn.running_var, momentum, self.bias)
         if torch.compiler.is_compiling():
-            return _bn_of_scaled_traced(y_scaled, gamma, bn.bias, factor, bn.eps, running)
-        return _BatchNormOfScaled.apply(y_scaled, gamma, bn.bias, factor, bn.eps, running)
+            return _bn_of_scaled_traced(y_scaled, bn.weight, bn.bias, factor, bn.eps, running)
+        return _BatchNormOfScaled.apply(y_scaled, bn.weight, bn.bias, factor, bn.eps, running)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_fq is not None:
