@@ -72,8 +72,8 @@ class _BatchNormOfScaled(torch.autograd.Function):
     running statistics with y's. Forward: one statistics pass and one normalising pass over y_scaled
     (on CUDA BatchNorm's own kernels, with one Triton launch each way for the per-channel arithmetic, |gamma|
     and its gradient included; on the CPU BatchNorm's statistics kernel and one addcmul); backward:
-    BatchNorm's own, plus the gradient to `factor`
-    through the eps term, -eps f |gamma| invstd^2 sum(grad * x_hat), from per-channel values. That term
+    BatchNorm's own, plus the gradient to `factor` through the eps term, -eps f |gamma| invstd^2
+    sum(grad * x_hat), from per-channel values. That term
     cancels what the factor receives through y_scaled (BN of y does not depend on f); it is small only where
     var_s >> eps f^2, and dominant for a near-constant channel (a low-bit weight row with few non-zero
     codes), so it is kept. Eager mode only: torch.compile takes :func:`_bn_of_scaled_traced`."""
