@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qat.int8 import modules as q8
-from qat.kernels import ActQParams, ConvGeometry, Int8Weight
+from qat.kernels import ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 
 FUNCTIONS: dict[str, Callable] = {
     "torch.flatten": torch.flatten, "torch.reshape": torch.reshape, "torch.transpose": torch.transpose,
@@ -136,6 +136,21 @@ def _conv_add_decode(config, tensors, backend):
     return m
 
 
+def _linear_lookup_encode(m: q8.Int8LinearLookup):
+    config, tensors = _weight_layer_encode(m)
+    config["mid_qp"] = _asdict(m.mid_qp)
+    tensors["values"] = m.lookup.values
+    return config, tensors
+
+
+def _linear_lookup_decode(config, tensors, backend):
+    lookup = q8.Int8Lookup(tensors["values"], _qp(config["mid_qp"]), backend)
+    lookup.out_qp = _qp(config["out_qp"])
+    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
+    return q8.Int8LinearLookup(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["mid_qp"]), lookup,
+                               backend)
+
+
 def _keep_grid_encode(m: q8.KeepGrid):
     fn = m.fn
     if isinstance(fn, nn.Module):
@@ -183,6 +198,17 @@ def _softmax_decode(config, tensors, backend):
     return m
 
 
+def _attention_encode(m: q8.Int8Attention):
+    grids = {f.name: _asdict(getattr(m.grids, f.name)) for f in dataclasses.fields(m.grids)}
+    return {"grids": grids, "out_qp": _asdict(m.out_qp)}, {}
+
+
+def _attention_decode(config, tensors, backend):
+    m = q8.Int8Attention(AttentionGrids(**{name: _qp(qp) for name, qp in config["grids"].items()}), backend)
+    m.out_qp = _qp(config["out_qp"])
+    return m
+
+
 def _lookup_decode(config, tensors, backend):
     m = q8.Int8Lookup(tensors["values"], _qp(config["in_qp"]), backend)
     m.out_qp = _qp(config["out_qp"])
@@ -199,6 +225,7 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Linear: (_weight_layer_encode, _weight_layer_decode(q8.Int8Linear)),
     q8.Int8Conv2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv2d)),
     q8.Int8Conv2dAdd: (_conv_add_encode, _conv_add_decode),
+    q8.Int8LinearLookup: (_linear_lookup_encode, _linear_lookup_decode),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),
@@ -210,6 +237,7 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
                  _cat_decode),
     q8.KeepGrid: (_keep_grid_encode, _keep_grid_decode),
     q8.Int8LayerNorm: (_layer_norm_encode, _layer_norm_decode),
+    q8.Int8Attention: (_attention_encode, _attention_decode),
     q8.Int8Softmax: (lambda m: ({"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp)}, {}), _softmax_decode),
     q8.Int8Lookup: (lambda m: ({"in_qp": _asdict(m.in_qp), "out_qp": _asdict(m.out_qp)}, {"values": m.values}),
                     _lookup_decode),

@@ -8,10 +8,14 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
   LayerNorm (last dim) of an int8 value          -> Int8LayerNorm (requantized by its quantizer, if any)
   softmax (last dim) of an int8 value            -> Int8Softmax (likewise)
-  elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table)
+  elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table);
+                                                    folded into a Linear read only by it (Int8LinearLookup)
+                                                    when the backend fuses them (``fuses_linear_lookup``)
   int8 x * c, c a power of two (1/sqrt(d))       -> Relabel: x's codes on x's scale times c (no pass)
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
+  softmax(q @ k_t [* c]) @ v, each step int8      -> Int8Attention (one kernel, scores and probabilities in
+  and read only by the next                         registers), when the backend fuses it (``fuses_attention``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
   shape / ndim / device / size() of an int8 value -> left reading the int8 value (no Dequantize)
   anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
@@ -31,7 +35,7 @@ from qat.fx import patterns
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule, unfold_relus
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
 from qat.int8 import modules as q8
-from qat.kernels import BACKENDS, ActQParams, ConvGeometry, Int8Weight
+from qat.kernels import BACKENDS, ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
 from qat.quant.fake_quantize import QuantizerBase
 
@@ -101,8 +105,10 @@ def _fuses_relu(module: nn.Module | None) -> bool:
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool, int8_activations: bool):
-        self.gm, self.backend, self.fuse_conv_add = gm, backend, fuse_conv_add
+    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool, fuse_attention: bool,
+                 fuse_linear_lookup: bool, int8_activations: bool):
+        self.gm, self.backend, self.fuse_conv_add, self.fuse_attention = gm, backend, fuse_conv_add, fuse_attention
+        self.fuse_linear_lookup = fuse_linear_lookup
         self.int8_activations = int8_activations
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
@@ -221,6 +227,9 @@ class _Lowering:
         fusable = self._fusable_conv(node)
         if fusable is not None:
             return self._conv_add(node, *fusable)
+        chain = self._attention_chain(node)
+        if chain is not None:
+            return self._attention(node, *chain)
         a, b = node.args[:2]
         op = q8.Int8Binary(patterns.binary_kind(node), self.grid[a], self.grid[b], self.backend)
         new = self._replace(node, op, op.op, (a, b))
@@ -236,7 +245,9 @@ class _Lowering:
         value, factor = scaled
         qp = self.grid[value]
         relabel = q8.Relabel(qp, dataclasses.replace(qp, scale=qp.scale * factor), self.backend)
-        self.grid[self._replace(node, relabel, "relabel", (value,))] = relabel.out_qp
+        new = self._replace(node, relabel, "relabel", (value,))
+        self.modules[new.target] = relabel
+        self.grid[new] = relabel.out_qp
         return True
 
     def _fusable_conv(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -262,6 +273,43 @@ class _Lowering:
         self.gm.graph.erase_node(conv)
         del self.grid[conv]  # the conv's own output exists only inside the fused kernel now
         self.value_map = {q: name for q, name in self.value_map.items() if name != conv.name}
+        self.open_ops[new] = fused
+
+    def _sole_reader_module(self, node: fx.Node, cls: type) -> nn.Module | None:
+        """The ``cls`` module that ``node`` calls, when one node reads its output and its out_qp is set."""
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if type(module) is cls and len(node.users) == 1 and module.out_qp is not None:
+            return module
+        return None
+
+    def _attention_chain(self, node: fx.Node) -> tuple[fx.Node, fx.Node | None, fx.Node] | None:
+        """(scores, relabel or None, softmax) when ``node`` is ``softmax(relabel(scores)) @ v`` with ``scores``
+        an int8 ``q @ k_t``, each step requantized and read only by the next."""
+        if not self.fuse_attention or patterns.binary_kind(node) != "matmul" or node.kwargs:
+            return None
+        softmax = node.args[0]
+        if self._sole_reader_module(softmax, q8.Int8Softmax) is None:
+            return None
+        relabel = softmax.args[0] if self._sole_reader_module(softmax.args[0], q8.Relabel) is not None else None
+        scores = softmax.args[0] if relabel is None else relabel.args[0]
+        matmul = self._sole_reader_module(scores, q8.Int8Binary)
+        return (scores, relabel, softmax) if matmul is not None and matmul.op == "matmul" else None
+
+    def _attention(self, node: fx.Node, scores: fx.Node, relabel: fx.Node | None, softmax: fx.Node) -> None:
+        """Replace ``softmax(relabel(q @ k_t)) @ v`` by one Int8Attention call ``(q, k_t, v)`` at ``node``."""
+        matmul, probs = self.modules[scores.target], self.modules[softmax.target]
+        (q, k_t), v = scores.args[:2], node.args[1]
+        grids = AttentionGrids(q=matmul.a_qp, k=matmul.b_qp, scores=matmul.out_qp, logits=probs.in_qp,
+                               probs=probs.out_qp, v=self.grid[v])
+        fused = q8.Int8Attention(grids, self.backend)
+        new = self._replace(node, fused, "attention", (q, k_t, v))
+        inner = [n for n in (softmax, relabel, scores) if n is not None]
+        for dead in inner:  # their values exist only inside the fused kernel now
+            self.gm.graph.erase_node(dead)
+            del self.grid[dead]
+        names = {n.name for n in inner}
+        self.value_map = {fq: name for fq, name in self.value_map.items() if name not in names}
+        self.modules[new.target] = fused
         self.open_ops[new] = fused
 
     def _cat(self, node: fx.Node) -> None:
@@ -293,7 +341,22 @@ class _Lowering:
     def _lookup(self, node: fx.Node, fn) -> None:
         op = q8.Int8Lookup.from_function(fn, tuple(node.args[1:]), dict(node.kwargs), self.grid[node.args[0]],
                                          self.backend, self.device)
+        linear = node.args[0]
+        module = self._sole_reader_module(linear, q8.Int8Linear)
+        if self.fuse_linear_lookup and module is not None and not module.relu:
+            return self._linear_lookup(node, linear, module, op)
         self._open_op(node, op, "lookup")
+
+    def _linear_lookup(self, node: fx.Node, linear: fx.Node, module: q8.Int8Linear, lookup: q8.Int8Lookup) -> None:
+        """Fold ``lookup`` into the Linear before it (Int8LinearLookup): the Linear's node yields the lookup's
+        output, its out_qp set by the lookup's quantizer."""
+        fused = q8.Int8LinearLookup.from_layers(module, lookup)
+        _set_submodule(self.gm, linear.target, fused)
+        self.modules[linear.target] = fused
+        self._drop(node, linear)
+        del self.grid[linear]  # the Linear's own codes exist only inside the fused kernel now
+        self.value_map = {fq: name for fq, name in self.value_map.items() if name != linear.name}
+        self.open_ops[linear] = fused
 
     def _open_op(self, node: fx.Node, op: nn.Module, prefix: str) -> None:
         """Replace a one-input node by ``op`` on its int8 input; its quantizer, if one follows, sets out_qp."""
@@ -342,20 +405,26 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool)
 
 
 def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None,
-          int8_activations: bool | None = None) -> fx.GraphModule:
+          int8_activations: bool | None = None, fuse_attention: bool | None = None,
+          fuse_linear_lookup: bool | None = None) -> fx.GraphModule:
     """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
     (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike).
+    fuse_attention: likewise for attention cores (Int8Attention; fused kernels agree with the unfused ones
+    within 1 LSB, the softmax's sums taken in another order). fuse_linear_lookup: likewise for a Linear and the
+    table lookup (GELU, ...) after it (Int8LinearLookup, bit for bit).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
     unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
     fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
+    fuse_attention = BACKENDS[backend].fuses_attention if fuse_attention is None else fuse_attention
+    fuse_linear_lookup = BACKENDS[backend].fuses_linear_lookup if fuse_linear_lookup is None else fuse_linear_lookup
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
-    lowering = _Lowering(gm, backend, fuse_conv_add, int8_activations)
+    lowering = _Lowering(gm, backend, fuse_conv_add, fuse_attention, fuse_linear_lookup, int8_activations)
     lowering.run()
     _lower_leaf_layers(gm, backend, int8_activations)
     gm.graph.lint()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qat.kernels import ActQParams, ConvGeometry, Int8Weight, dequantize_activation, get_backend, quantize_activation
+from qat.kernels import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, dequantize_activation, get_backend, quantize_activation
 
 
 class BackendModule(nn.Module):
@@ -161,6 +161,39 @@ class Int8Conv2dAdd(Int8Conv2d):
         return f"{super().extra_repr()}, + add (conv relu={self.conv_relu})"
 
 
+class Int8LinearLookup(Int8Linear):
+    """A Linear whose requantized output (on ``mid_qp``) feeds only an Int8Lookup (GELU, SiLU, ...): one
+    backend call, ``linear_lookup``, the table read in the GEMM's epilogue where the backend
+    ``fuses_linear_lookup``. ``lookup`` holds the table and its output grid, ``out_qp``."""
+
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, mid_qp: ActQParams,
+                 lookup: "Int8Lookup", backend: str):
+        super().__init__(weight, bias, in_qp, None, False, backend)
+        self.mid_qp, self.lookup = mid_qp, lookup
+
+    @classmethod
+    def from_layers(cls, linear: Int8Linear, lookup: "Int8Lookup") -> "Int8LinearLookup":
+        if linear.relu or linear.out_qp is None or lookup.in_qp != linear.out_qp:
+            raise ValueError("a lookup folds into a Linear without ReLU whose output grid it reads")
+        weight = Int8Weight(linear.weight_int8, linear.weight_scale)
+        return cls(weight, linear.bias, linear.in_qp, linear.out_qp, lookup, linear.backend_name)
+
+    @property
+    def out_qp(self) -> ActQParams | None:
+        return self.lookup.out_qp
+
+    @out_qp.setter
+    def out_qp(self, qp: ActQParams | None) -> None:
+        if "lookup" in self._modules:  # Int8WeightLayer.__init__ sets None before the lookup exists
+            self.lookup.out_qp = qp
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.backend.linear_lookup(t, self.in_qp, self.packed, self.mid_qp, self.lookup.table(), self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, then table lookup on scale={self.mid_qp.scale:.4g}"
+
+
 class Int8ConvTranspose2d(Int8WeightLayer):
     kind = "conv_transpose2d"
 
@@ -244,6 +277,24 @@ class Int8Softmax(BackendModule):
 
     def extra_repr(self) -> str:
         return f"in={self.in_qp}, out={self.out_qp}, {self.backend_name}"
+
+
+class Int8Attention(BackendModule):
+    """An attention core of int8 q, k_t, v: ``q @ k_t`` requantized, scaled by a power of two (relabelled),
+    softmax requantized, ``@ v``, which the unfused graph runs as four modules (two Int8Binary matmuls, a
+    Relabel, an Int8Softmax), as one backend call, ``attention``: one kernel where the backend
+    ``fuses_attention``, the scores and probabilities never stored. ``out_qp`` is the second matmul's."""
+
+    def __init__(self, grids: AttentionGrids, backend: str):
+        super().__init__(backend)
+        self.grids = grids
+        self.out_qp: ActQParams | None = None
+
+    def forward(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.backend.attention(q, k_t, v, self.grids, self.out_qp)
+
+    def extra_repr(self) -> str:
+        return f"scores={self.grids.scores}, probs={self.grids.probs}, out={self.out_qp}, {self.backend_name}"
 
 
 class Int8Lookup(BackendModule):

@@ -18,6 +18,8 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
   channels_last.
 * GEMM and conv kernels are autotuned per shape (``triton_kernels.TILES``); the first call of each shape
   pays for it.
+* ``linear_lookup`` reads an elementwise function's table (GELU after ViT's fc1) in the GEMM's epilogue: the
+  Linear's codes are replaced by their entries before they are stored.
 * ``conv2d_add`` fuses a residual add (+ReLU) into the conv epilogue: what the unfused graph computes
   (conv requantized to its grid, dequantized, added, requantized), bit for bit.
 * Grouped and depthwise convs: a direct Triton kernel (int32 on CUDA cores).
@@ -25,6 +27,9 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
   LayerNorm and softmax over contiguous rows (dequantize, normalise, requantize in one pass): Triton kernels;
   max-pooling runs on the codes (nn.MaxPool2d: a Triton kernel; other max-pools: torch's in float16, exact)
   instead of dequantizing.
+* An attention core, ``softmax(q @ k_t) @ v`` between the int8 q, k, v projections: one Triton kernel per
+  block of query rows, scores and probabilities in registers (up to 256 keys), each step the unfused kernels'
+  arithmetic; the scores and probabilities never reach memory.
 * cat: inputs on other qparams are requantized by a 256-entry table lookup each, then ``torch.cat``.
 * Delegated to the reference backend (exact, plain torch on the GPU, slow), by design: conv_transpose2d,
   add/mul with broadcasting.
@@ -46,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.kernels.reference import ReferenceBackend, conv2d_then_add, make_packed, requantize_table
-from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed, as_pair
+from qat.kernels.reference import (ReferenceBackend, attention_unfused, conv2d_then_add, make_packed,
+                                   requantize_table)
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed, as_pair
 
 _REFERENCE = ReferenceBackend()
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -177,6 +183,8 @@ class CudaBackend:
 
     name = "cuda"
     fuses_conv_add = True
+    fuses_attention = True
+    fuses_linear_lookup = True
     int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
     def __init__(self) -> None:
@@ -252,11 +260,21 @@ class CudaBackend:
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
+        return self._linear(x, x_qp, packed, out_qp, relu, None)
+
+    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
+                      out_qp: ActQParams | None) -> Tensor:
+        """The table read in the GEMM's epilogue: the Linear's codes never reach memory."""
+        return self._linear(x, x_qp, packed, mid_qp, False, table.to(x.device).contiguous())
+
+    def _linear(self, x: Tensor, x_qp: ActQParams, packed: Packed, out_qp: ActQParams | None, relu: bool,
+                table: Tensor | None) -> Tensor:
         self._require_device(x)
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
         gw = packed.native
-        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu)  # [M, N]
+        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu,
+                                  table=table)  # [M, N]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
@@ -345,4 +363,18 @@ class CudaBackend:
         batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
         a4, b4 = (_two_batch_dims(t.expand(*batch, *t.shape[-2:])) for t in (a, b))  # [B0, B1, rows, cols]
         out = self._triton.bmm(a4, a_qp, b4, b_qp, a_qp.scale * b_qp.scale, out_qp)  # [B0, B1, M, N]
+        return out.reshape(*batch, *out.shape[-2:])
+
+    def attention(self, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
+                  out_qp: ActQParams | None = None) -> Tensor:
+        """One kernel where every key of a row fits in a program (``triton_kernels.MAX_ATTENTION_KEYS``) and
+        q, k_t and v have one shape of batch dims; else the unfused kernels."""
+        self._require_device(q, k_t, v)
+        batch = q.shape[:-2]
+        fits = (k_t.shape[:-2] == batch and v.shape[:-2] == batch and v.shape[-1] == q.shape[-1]
+                and k_t.shape[-1] <= self._triton.MAX_ATTENTION_KEYS and q.shape[-1] <= self._triton.MAX_ATTENTION_HEAD)
+        if not fits:
+            return attention_unfused(self, q, k_t, v, grids, out_qp)
+        q4, k4, v4 = (_two_batch_dims(t) for t in (q, k_t, v))  # [B0, B1, rows, cols]
+        out = self._triton.attention(q4, k4, v4, grids, out_qp)
         return out.reshape(*batch, *out.shape[-2:])

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight, Packed, float32
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed, float32
 
 
 def quantize_activation(x: Tensor, qp: ActQParams) -> Tensor:
@@ -108,6 +108,23 @@ def conv2d_then_add(backend, x: Tensor, x_qp: ActQParams, packed: Packed, conv_q
     return backend.add(y, conv_qp, other, other_qp, out_qp, relu)
 
 
+def linear_then_lookup(backend, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
+                       out_qp: ActQParams | None) -> Tensor:
+    """The unfused graph that ``linear_lookup`` stands for: the Linear requantized to mid_qp, then each code
+    replaced by its table entry (codes on out_qp, or float values when out_qp is None)."""
+    return backend.lookup(backend.linear(x, x_qp, packed, mid_qp), mid_qp, table, out_qp)
+
+
+def attention_unfused(backend, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
+                      out_qp: ActQParams | None) -> Tensor:
+    """The unfused graph that ``attention`` stands for: ``q @ k_t`` requantized to the scores' grid, its codes
+    relabelled to the logits' scale, softmax requantized to the probabilities' grid, ``@ v`` on out_qp."""
+    scores = backend.matmul(q, grids.q, k_t, grids.k, grids.scores)
+    logits = backend.to_backend(backend.from_backend(scores, grids.scores), grids.logits)
+    probs = backend.softmax(logits, grids.logits, grids.probs)
+    return backend.matmul(probs, grids.probs, v, grids.v, out_qp)
+
+
 def _check_out_channels(weight: Int8Weight, expected: int) -> None:
     if weight.out_channels != expected:
         raise ValueError(f"weight has {weight.out_channels} scales but {expected} output channels")
@@ -123,6 +140,8 @@ class ReferenceBackend:
 
     name = "reference"
     fuses_conv_add = False
+    fuses_attention = False
+    fuses_linear_lookup = False
     int8_activations = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
@@ -208,3 +227,11 @@ class ReferenceBackend:
         acc = torch.matmul(_shifted(a, a_qp), _shifted(b, b_qp))
         y = acc.float() * float32(a_qp.scale * b_qp.scale)
         return finish(y, out_qp, relu=False)
+
+    def attention(self, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
+                  out_qp: ActQParams | None = None) -> Tensor:
+        return attention_unfused(self, q, k_t, v, grids, out_qp)
+
+    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
+                      out_qp: ActQParams | None) -> Tensor:
+        return linear_then_lookup(self, x, x_qp, packed, mid_qp, table, out_qp)

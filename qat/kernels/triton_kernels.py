@@ -1,5 +1,6 @@
 """Triton kernels of the cuda backend: int8 GEMM (Linear, 1x1 conv), implicit-GEMM conv, direct grouped conv,
-elementwise quantize / dequantize / add / mul / table lookup, batched matmul, row LayerNorm and softmax.
+elementwise quantize / dequantize / add / mul / table lookup, batched matmul, row LayerNorm and softmax, fused
+attention (q @ k^T, softmax, @ v).
 
 Imported lazily by ``qat.kernels.cuda`` (Triton needs a GPU, or ``TRITON_INTERPRET=1`` on CPU tensors).
 Every kernel ends with the project's requantization (float ops rounded one by one, no FMA),
@@ -25,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from qat.kernels.types import ActQParams, conv_output_size
+from qat.kernels.types import ActQParams, AttentionGrids, conv_output_size
 from qat.quant.triton_fake_quant import NO_FMA, round_half_even
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -113,9 +114,12 @@ def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: t
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS: tl.constexpr,
-              OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored.
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, table_ptr,
+              HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              HAS_TABLE: tl.constexpr):
+    """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored;
+    with a table, each requantized code is replaced by its entry, ``table[code & 255]`` (an elementwise
+    function after the layer, ``Int8Lookup``).
 
     Output (and residual) rows are dense: element (m, n) at ``m * N + n``.
     """
@@ -130,7 +134,11 @@ def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scal
         mid = _requantize(y, mid_inv_scale, mid_zero, mid_lo, mid_hi)
         other = tl.load(res_ptr + offs, mask=mask, other=0).to(tl.float32)
         y = (mid - mid_zero) * mid_scale + (other - res_zero) * res_scale
-    _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+    if HAS_TABLE:
+        code = _requantize(y, inv_scale, zero_point, lo, hi).to(tl.int32) & 255
+        tl.store(out_ptr + offs, tl.load(table_ptr + code, mask=mask), mask=mask)
+    else:
+        _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
 
 
 @triton.jit
@@ -155,11 +163,11 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 @_autotune(key=["M", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, sxm, K_PAD,
+def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, table_ptr, out_ptr, M, N, K, sxm, K_PAD,
                  x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale,
                  res_zero, res_scale, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
-                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_TABLE: tl.constexpr, EVEN_K: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K)."""
     pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -181,8 +189,8 @@ def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
-              HAS_RESIDUAL)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, table_ptr, HAS_BIAS, OUT_FLOAT,
+              RELU, HAS_RESIDUAL, HAS_TABLE)
 
 
 @_autotune(key=["M", "N", "C", "K_LOOP"])
@@ -229,8 +237,8 @@ def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
-              HAS_RESIDUAL)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, out_ptr, HAS_BIAS, OUT_FLOAT,
+              RELU, HAS_RESIDUAL, False)
 
 
 @triton.jit
@@ -279,8 +287,8 @@ def _conv_rows_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, ou
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
-              HAS_RESIDUAL)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, out_ptr, HAS_BIAS, OUT_FLOAT,
+              RELU, HAS_RESIDUAL, False)
 
 
 @triton.jit
@@ -314,7 +322,7 @@ def _grouped_conv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, H, 
             w = tl.load(w_ptr + (tap * CG + ci) * N + n)
             acc += (x.to(tl.int32) - x_zero) * w.to(tl.int32)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, out_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              1.0, 0, 0, 0, 1.0, 0, 1.0, HAS_BIAS, OUT_FLOAT, RELU, False)
+              1.0, 0, 0, 0, 1.0, 0, 1.0, out_ptr, HAS_BIAS, OUT_FLOAT, RELU, False, False)
 
 
 @triton.jit
@@ -462,6 +470,75 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, 
                   OUT_FLOAT, False)
 
 
+# Fused attention: query rows per program and warps, one choice for every shape (the autotuner, with its short
+# timing, picked 16 rows at 604 us over 32 at 550). ViT-B/16 at batch 256 (197 keys, head dim 64) on an H200, per
+# layer: 16 rows on 4 warps 604 us, 32 on 4 550 us, 32 on 2 607 us, 64 on 4 788 us; unfused kernels 852 us.
+_ATTENTION_ROWS, _ATTENTION_WARPS = 32, 4
+MAX_ATTENTION_KEYS = 256  # keys of one query row held by one program (its scores stay in registers)
+MAX_ATTENTION_HEAD = 128  # head dim
+
+
+@triton.jit
+def _row_sums(a, K: tl.constexpr):
+    """Sums of the rows of int8 ``a`` [M, K] (int32 [M]): a product with ones on the tensor cores, cheaper than
+    a reduction across threads (ViT-B/16's attention: 745 -> 572 us for the four sums)."""
+    return tl.max(tl.dot(a, tl.full((K, 16), 1, tl.int8), out_dtype=tl.int32), axis=1)
+
+
+@triton.jit
+def _column_sums(b, K: tl.constexpr):
+    """Sums of the columns of int8 ``b`` [K, N] (int32 [N]), likewise."""
+    return tl.max(tl.dot(tl.full((16, K), 1, tl.int8), b, out_dtype=tl.int32), axis=0)
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, S, D, INNER, sq0, sq1, sql, sqd, sk0, sk1, skd, sks,
+                      sv0, sv1, svs, svd, so0, so1, sol, sod, q_offset, k_offset, qk_mult, s_inv_scale, s_zero, s_lo,
+                      s_hi, logit_scale, p_inv_scale, p_zero, p_lo, p_hi, p_offset, v_offset, pv_mult, inv_scale,
+                      zero_point, lo, hi, Q_UNSIGNED: tl.constexpr, K_UNSIGNED: tl.constexpr,
+                      V_UNSIGNED: tl.constexpr, OUT_FLOAT: tl.constexpr, ACCURATE_EXP: tl.constexpr,
+                      BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """BM query rows of one (outer, inner) batch: ``q @ k_t`` -> scores' codes -> softmax of the logits ->
+    probabilities' codes -> ``@ v`` -> stored, each step the arithmetic of the unfused kernels (``_bmm_kernel``,
+    ``_softmax_kernel``), every key of a row in registers (S <= BS). The probabilities come out as signed codes
+    (``p_zero``, ``p_lo``, ``p_hi`` of the int8 equivalent grid); keys past S get probability 0, the zero
+    point, so whatever v holds there adds nothing, ``(p - z_p)(v - z_v) = 0``."""
+    blocks = tl.cdiv(L, BM)
+    batch, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+    outer, inner = batch // INNER, batch % INNER
+    q_ptr += outer.to(tl.int64) * sq0 + inner.to(tl.int64) * sq1
+    k_ptr += outer.to(tl.int64) * sk0 + inner.to(tl.int64) * sk1
+    v_ptr += outer.to(tl.int64) * sv0 + inner.to(tl.int64) * sv1
+    out_ptr += outer.to(tl.int64) * so0 + inner.to(tl.int64) * so1
+    rm = block * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    rs = tl.arange(0, BS)
+    head = rd < D
+    q = _signed(tl.load(q_ptr + rm[:, None] * sql + rd[None, :] * sqd, mask=(rm[:, None] < L) & head[None, :]),
+                Q_UNSIGNED)
+    k = _signed(tl.load(k_ptr + rd[:, None] * skd + rs[None, :] * sks, mask=head[:, None] & (rs[None, :] < S)),
+                K_UNSIGNED)
+    if BD != D:  # head dims past D: signed 0 in both, nothing in the products or the sums
+        q = tl.where(head[None, :], q, 0).to(tl.int8)
+        k = tl.where(head[:, None], k, 0).to(tl.int8)
+    acc = tl.dot(q, k, out_dtype=tl.int32)  # [BM, BS]
+    acc += k_offset * _row_sums(q, BD)[:, None] + q_offset * _column_sums(k, BD)[None, :] + D * q_offset * k_offset
+    scores = _requantize(acc.to(tl.float32) * qk_mult, s_inv_scale, s_zero, s_lo, s_hi)  # the scores' codes
+    x = tl.where((rs < S)[None, :], (scores - s_zero) * logit_scale, float("-inf"))  # keys past S: exp gives 0
+    shifted = x - tl.max(x, axis=1)[:, None]
+    if ACCURATE_EXP:
+        e = libdevice.exp(shifted)
+    else:
+        e = tl.exp(shifted)
+    p = _requantize(e / tl.sum(e, axis=1)[:, None], p_inv_scale, p_zero, p_lo, p_hi).to(tl.int32).to(tl.int8)
+    v = _signed(tl.load(v_ptr + rs[:, None] * svs + rd[None, :] * svd, mask=(rs[:, None] < S) & head[None, :]),
+                V_UNSIGNED)
+    out = tl.dot(p, v, out_dtype=tl.int32)  # [BM, BD]
+    out += v_offset * _row_sums(p, BS)[:, None] + p_offset * _column_sums(v, BS)[None, :] + BS * p_offset * v_offset
+    _store_output(out_ptr + rm[:, None] * sol + rd[None, :] * sod, out.to(tl.float32) * pv_mult,
+                  (rm[:, None] < L) & head[None, :], inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
+
+
 def signed_offset(qp: ActQParams) -> int:
     """``o`` such that ``q - z == signed(q) + o`` (signed(q) = q - 128 for uint8, q for int8)."""
     return 128 - qp.zero_point if qp.dtype == torch.uint8 else -qp.zero_point
@@ -521,16 +598,21 @@ def _tiles_grid(m: int, n: int):
 
 def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
            out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
-           config: Tile | None = None) -> Tensor:
-    """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K)."""
+           config: Tile | None = None, table: Tensor | None = None) -> Tensor:
+    """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K).
+    With ``table`` (256 entries, contiguous), the output codes on out_qp are replaced by their entries: the
+    output has the table's dtype."""
     m, k = x.shape
     n, k_pad = w.shape
-    out = _out(m, n, out_qp, x.device)
+    if table is not None and (out_qp is None or residual is not None):
+        raise ValueError("a table after the GEMM reads its codes: it needs out_qp and no residual")
+    out = _out(m, n, out_qp, x.device) if table is None else torch.empty(m, n, dtype=table.dtype, device=x.device)
     scalars, flags = _epilogue_args(out_qp, relu, residual)
-    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
-            m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars)
-    _launch(_gemm_kernel, _tiles_grid(m, n), args,
-            dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags), config)
+    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows,
+            out if table is None else table, out, m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale,
+            *scalars)
+    _launch(_gemm_kernel, _tiles_grid(m, n), args, dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
+                                                        HAS_TABLE=table is not None, **flags), config)
     return out
 
 
@@ -711,4 +793,25 @@ def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, o
                       *_requant_args(out_qp, False), A_UNSIGNED=a.dtype == torch.uint8,
                       B_UNSIGNED=b.dtype == torch.uint8, A_ROWS=b_offset != 0, B_COLS=a_offset != 0,
                       OUT_FLOAT=out_qp is None, BM=bm, BN=bn, BK=bk, num_stages=_BMM_STAGES, **NO_FMA)
+    return out
+
+
+def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: ActQParams | None) -> Tensor:
+    """``softmax(q @ k_t) @ v`` on ``grids`` in one kernel, for ``[B0, B1, L, D] @ [B0, B1, D, S] @ [B0, B1, S, D]``
+    (any strides) with S <= MAX_ATTENTION_KEYS and D <= MAX_ATTENTION_HEAD. The output takes v's strides when
+    it has v's shape (self-attention: heads merge back without a copy), else it is contiguous."""
+    outer, inner, rows, d = q.shape
+    keys = k_t.shape[3]
+    dtype = torch.float32 if out_qp is None else out_qp.dtype
+    out = (torch.empty_like(v, dtype=dtype) if v.shape == (outer, inner, rows, d)
+           else torch.empty(outer, inner, rows, d, dtype=dtype, device=q.device))
+    s_qp, p_qp = grids.scores, grids.probs
+    _attention_kernel[(outer * inner * triton.cdiv(rows, _ATTENTION_ROWS),)](
+        q, k_t, v, out, rows, keys, d, inner, *q.stride(), *k_t.stride(), *v.stride(), *out.stride(),
+        signed_offset(grids.q), signed_offset(grids.k), grids.q.scale * grids.k.scale, *_requant_args(s_qp, False),
+        grids.logits.scale, *_requant_args(p_qp.as_int8(), False), signed_offset(p_qp), signed_offset(grids.v),
+        p_qp.scale * grids.v.scale, *_requant_args(out_qp, False), Q_UNSIGNED=q.dtype == torch.uint8,
+        K_UNSIGNED=k_t.dtype == torch.uint8, V_UNSIGNED=v.dtype == torch.uint8, OUT_FLOAT=out_qp is None,
+        ACCURATE_EXP=not INTERPRET, BS=max(32, triton.next_power_of_2(keys)), BD=max(32, triton.next_power_of_2(d)),
+        BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS, **NO_FMA)
     return out

@@ -80,6 +80,31 @@ class ActQParams:
         return (self.qmin, self.qmax) == _DTYPE_RANGES[self.dtype]
 
 
+@dataclass(frozen=True)
+class AttentionGrids:
+    """The grids of an attention core ``softmax(q @ k_t * c) @ v`` as the int8 graph holds them: the inputs
+    ``q``, ``k`` (of k_t) and ``v``; ``scores``, where ``q @ k_t`` is requantized; ``logits``, the same codes
+    as the softmax reads them (the scores' scale times c, c a power of two folded in by relabelling, or the
+    scores' grid itself); ``probs``, where the softmax is requantized.
+
+    >>> s = ActQParams(0.08, 3, -128, 127)
+    >>> AttentionGrids(s, s, s, ActQParams(0.01, 3, -128, 127), ActQParams(1 / 255, 0, 0, 255), s).logits.scale
+    0.009999999776482582
+    """
+
+    q: ActQParams
+    k: ActQParams
+    scores: ActQParams
+    logits: ActQParams
+    probs: ActQParams
+    v: ActQParams
+
+    def __post_init__(self) -> None:
+        if (self.scores.zero_point, self.scores.qmin, self.scores.qmax) != (
+                self.logits.zero_point, self.logits.qmin, self.logits.qmax):
+            raise ValueError(f"the logits are the scores' codes on another scale: {self.scores} vs {self.logits}")
+
+
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """``value`` as (h, w): an int repeated, or a sequence of two."""
     pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
@@ -221,3 +246,22 @@ class KernelBackend(Protocol):
 
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor: ...
+
+    fuses_linear_lookup: bool
+    """Class attribute: True when ``linear_lookup`` is one fused kernel (lowering then folds a table lookup,
+    GELU and the like, into the Linear before it)."""
+
+    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
+                      out_qp: ActQParams | None) -> Tensor:
+        """``lookup(linear(x, x_qp, packed, mid_qp), mid_qp, table, out_qp)``: what the unfused graph computes
+        (``reference.linear_then_lookup``), fused where ``fuses_linear_lookup``, bit for bit alike."""
+        ...
+
+    fuses_attention: bool
+    """Class attribute: True when ``attention`` is one fused kernel (lowering then fuses attention cores)."""
+
+    def attention(self, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
+                  out_qp: ActQParams | None = None) -> Tensor:
+        """``softmax(q @ k_t) @ v`` on ``grids``: what the unfused graph computes (``reference.attention_unfused``:
+        matmul, relabel, softmax, matmul), fused where ``fuses_attention``."""
+        ...

@@ -1,6 +1,7 @@
 """Every backend of the table against the reference backend, on random int8 data."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -18,7 +19,7 @@ from kernel_cases import (
 )
 
 from qat.kernels.reference import ReferenceBackend
-from qat.kernels.types import ActQParams, ConvGeometry, Int8Weight
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 
 REF = ReferenceBackend()
 OUTPUTS = ["float", "float_relu", "quant", "quant_relu"]
@@ -80,6 +81,26 @@ def test_linear(backend_name, x_shape, n, per_channel, with_bias, signed, out):
     inputs = {"ref": (x, x_qp, REF.pack_linear(weight, bias)),
               "backend": (on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, bias))}
     _finish_case(on, "linear", inputs, out, signed)
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_linear_lookup(backend_name, signed, out):
+    """A Linear requantized to mid_qp, then a GELU table over mid_qp's codes (codes on out_qp, or float values):
+    the unfused reference graph, bit for bit."""
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(signed, activation_qmax(backend_name))
+    x = random_activation((3, 5, 48), x_qp)
+    weight, bias = random_weight((40, 48)), torch.randn(40)
+    mid_qp = fitted_qparams(REF.linear(x, x_qp, REF.pack_linear(weight, bias)), signed)
+    values = torch.nn.functional.gelu(REF.dequantize(torch.arange(256, dtype=torch.uint8).view(mid_qp.dtype), mid_qp))
+    out_qp = None if out == "float" else activation_qparams(signed)
+    table = values if out_qp is None else REF.quantize(values, out_qp)
+    expected = REF.linear_lookup(x, x_qp, REF.pack_linear(weight, bias), mid_qp, table, out_qp)
+    packed = on.backend.pack_linear(weight, bias)
+    got = on.back(on.backend.linear_lookup(on.act(x, x_qp), x_qp, packed, mid_qp, table.to(on.device), out_qp), out_qp)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("out", OUTPUTS)
@@ -194,6 +215,45 @@ def test_matmul(backend_name, shapes, signs, out):
         assert_float_agree(got, y_ref)
     else:
         assert_quantized_agree(got, REF.matmul(a, a_qp, b, b_qp, out_qp))
+
+
+# (batch dims, query rows, keys, head dim): ViT-B/16's 197 keys on head-split views of (N, L, E); short odd
+# rows; a head dim no power of two; no batch dims; more keys than one program holds (the unfused path)
+ATTENTION_CASES = [((2, 3), 197, 197, 64), ((1, 2), 7, 7, 12), ((3,), 5, 9, 40), ((), 17, 17, 8),
+                   ((2, 1), 3, 300, 16)]
+
+
+def _attention_inputs(batch, rows, keys, d, signed):
+    qp = [activation_qparams(signed, scale=s) for s in (0.05, 0.04, 0.03)]
+    if len(batch) == 2 and rows == keys:  # head-split views of (N, L, E) tensors, as attention makes them
+        q, k, v = (_heads(random_activation((batch[0], rows, batch[1] * d), a_qp), batch[1]) for a_qp in qp)
+    else:
+        q, k, v = (random_activation((*batch, n, d), a_qp) for n, a_qp in zip((rows, keys, keys), qp))
+    return (q, k.transpose(-2, -1), v), qp
+
+
+@pytest.mark.parametrize("out", ["float", "quant"])
+@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_attention(backend_name, case, signed, out):
+    """softmax(q @ k^T relabelled by 1/8) @ v equals the unfused reference graph (within 1 LSB: the fused
+    kernel's softmax sums in another order); probabilities on uint8, or int8 with zero point -128."""
+    on = OnBackend(backend_name)
+    (q, k_t, v), (q_qp, k_qp, v_qp) = _attention_inputs(*case, signed)
+    scores = fitted_qparams(REF.matmul(q, q_qp, k_t, k_qp), signed)
+    probs = ActQParams(1 / 127, -128, -128, 127) if signed else ActQParams(1 / 255, 0, 0, 255)
+    grids = AttentionGrids(q_qp, k_qp, scores, dataclasses.replace(scores, scale=scores.scale / 8), probs, v_qp)
+    y_ref = REF.attention(q, k_t, v, grids)
+    out_qp = None if out == "float" else fitted_qparams(y_ref, signed)
+    expected = REF.attention(q, k_t, v, grids, out_qp)
+    got = on.back(on.backend.attention(on.act(q, q_qp), on.act(k_t, k_qp), on.act(v, v_qp), grids, out_qp), out_qp)
+    if out_qp is None:
+        assert_float_agree(got, expected)
+    else:
+        assert_quantized_agree(got, expected)
+    if backend_name == "cuda" and len(case[0]) == 2 and case[1] == case[2]:  # heads merge back without a copy
+        assert got.transpose(1, 2).is_contiguous()
 
 
 ROUND_TRIP_QPARAMS = [ActQParams(0.05, 7, 0, 255), ActQParams(0.05, 0, 0, 127), ActQParams(0.1, -3, -127, 127)]
