@@ -136,21 +136,6 @@ def _conv_add_decode(config, tensors, backend):
     return m
 
 
-def _linear_lookup_encode(m: q8.Int8LinearLookup):
-    config, tensors = _weight_layer_encode(m)
-    config["mid_qp"] = _asdict(m.mid_qp)
-    tensors["values"] = m.lookup.values
-    return config, tensors
-
-
-def _linear_lookup_decode(config, tensors, backend):
-    lookup = q8.Int8Lookup(tensors["values"], _qp(config["mid_qp"]), backend)
-    lookup.out_qp = _qp(config["out_qp"])
-    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
-    return q8.Int8LinearLookup(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["mid_qp"]), lookup,
-                               backend)
-
-
 def _keep_grid_encode(m: q8.KeepGrid):
     fn = m.fn
     if isinstance(fn, nn.Module):
@@ -225,7 +210,6 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Linear: (_weight_layer_encode, _weight_layer_decode(q8.Int8Linear)),
     q8.Int8Conv2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv2d)),
     q8.Int8Conv2dAdd: (_conv_add_encode, _conv_add_decode),
-    q8.Int8LinearLookup: (_linear_lookup_encode, _linear_lookup_decode),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),

@@ -8,9 +8,7 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   add / mul / matmul / cat of int8 inputs        -> Int8Binary / Int8Cat
   LayerNorm (last dim) of an int8 value          -> Int8LayerNorm (requantized by its quantizer, if any)
   softmax (last dim) of an int8 value            -> Int8Softmax (likewise)
-  elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table);
-                                                    folded into a Linear read only by it (Int8LinearLookup)
-                                                    when the backend fuses them (``fuses_linear_lookup``)
+  elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table)
   int8 x * c, c a power of two (1/sqrt(d))       -> Relabel: x's codes on x's scale times c (no pass)
   add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
                                                     backend fuses them (``fuses_conv_add``)
@@ -106,9 +104,8 @@ def _fuses_relu(module: nn.Module | None) -> bool:
 
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool, fuse_attention: bool,
-                 fuse_linear_lookup: bool, int8_activations: bool):
+                 int8_activations: bool):
         self.gm, self.backend, self.fuse_conv_add, self.fuse_attention = gm, backend, fuse_conv_add, fuse_attention
-        self.fuse_linear_lookup = fuse_linear_lookup
         self.int8_activations = int8_activations
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
@@ -341,22 +338,7 @@ class _Lowering:
     def _lookup(self, node: fx.Node, fn) -> None:
         op = q8.Int8Lookup.from_function(fn, tuple(node.args[1:]), dict(node.kwargs), self.grid[node.args[0]],
                                          self.backend, self.device)
-        linear = node.args[0]
-        module = self._sole_reader_module(linear, q8.Int8Linear)
-        if self.fuse_linear_lookup and module is not None and not module.relu:
-            return self._linear_lookup(node, linear, module, op)
         self._open_op(node, op, "lookup")
-
-    def _linear_lookup(self, node: fx.Node, linear: fx.Node, module: q8.Int8Linear, lookup: q8.Int8Lookup) -> None:
-        """Fold ``lookup`` into the Linear before it (Int8LinearLookup): the Linear's node yields the lookup's
-        output, its out_qp set by the lookup's quantizer."""
-        fused = q8.Int8LinearLookup.from_layers(module, lookup)
-        _set_submodule(self.gm, linear.target, fused)
-        self.modules[linear.target] = fused
-        self._drop(node, linear)
-        del self.grid[linear]  # the Linear's own codes exist only inside the fused kernel now
-        self.value_map = {fq: name for fq, name in self.value_map.items() if name != linear.name}
-        self.open_ops[linear] = fused
 
     def _open_op(self, node: fx.Node, op: nn.Module, prefix: str) -> None:
         """Replace a one-input node by ``op`` on its int8 input; its quantizer, if one follows, sets out_qp."""
@@ -405,26 +387,23 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool)
 
 
 def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None,
-          int8_activations: bool | None = None, fuse_attention: bool | None = None,
-          fuse_linear_lookup: bool | None = None) -> fx.GraphModule:
+          int8_activations: bool | None = None, fuse_attention: bool | None = None) -> fx.GraphModule:
     """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
     (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike).
     fuse_attention: likewise for attention cores (Int8Attention; fused kernels agree with the unfused ones
-    within 1 LSB, the softmax's sums taken in another order). fuse_linear_lookup: likewise for a Linear and the
-    table lookup (GELU, ...) after it (Int8LinearLookup, bit for bit).
+    within 1 LSB, the softmax's sums taken in another order).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
     unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
     fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
     fuse_attention = BACKENDS[backend].fuses_attention if fuse_attention is None else fuse_attention
-    fuse_linear_lookup = BACKENDS[backend].fuses_linear_lookup if fuse_linear_lookup is None else fuse_linear_lookup
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
-    lowering = _Lowering(gm, backend, fuse_conv_add, fuse_attention, fuse_linear_lookup, int8_activations)
+    lowering = _Lowering(gm, backend, fuse_conv_add, fuse_attention, int8_activations)
     lowering.run()
     _lower_leaf_layers(gm, backend, int8_activations)
     gm.graph.lint()

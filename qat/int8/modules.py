@@ -161,39 +161,6 @@ class Int8Conv2dAdd(Int8Conv2d):
         return f"{super().extra_repr()}, + add (conv relu={self.conv_relu})"
 
 
-class Int8LinearLookup(Int8Linear):
-    """A Linear whose requantized output (on ``mid_qp``) feeds only an Int8Lookup (GELU, SiLU, ...): one
-    backend call, ``linear_lookup``, the table read in the GEMM's epilogue where the backend
-    ``fuses_linear_lookup``. ``lookup`` holds the table and its output grid, ``out_qp``."""
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, mid_qp: ActQParams,
-                 lookup: "Int8Lookup", backend: str):
-        super().__init__(weight, bias, in_qp, None, False, backend)
-        self.mid_qp, self.lookup = mid_qp, lookup
-
-    @classmethod
-    def from_layers(cls, linear: Int8Linear, lookup: "Int8Lookup") -> "Int8LinearLookup":
-        if linear.relu or linear.out_qp is None or lookup.in_qp != linear.out_qp:
-            raise ValueError("a lookup folds into a Linear without ReLU whose output grid it reads")
-        weight = Int8Weight(linear.weight_int8, linear.weight_scale)
-        return cls(weight, linear.bias, linear.in_qp, linear.out_qp, lookup, linear.backend_name)
-
-    @property
-    def out_qp(self) -> ActQParams | None:
-        return self.lookup.out_qp
-
-    @out_qp.setter
-    def out_qp(self, qp: ActQParams | None) -> None:
-        if "lookup" in self._modules:  # Int8WeightLayer.__init__ sets None before the lookup exists
-            self.lookup.out_qp = qp
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear_lookup(t, self.in_qp, self.packed, self.mid_qp, self.lookup.table(), self.out_qp)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, then table lookup on scale={self.mid_qp.scale:.4g}"
-
-
 class Int8ConvTranspose2d(Int8WeightLayer):
     kind = "conv_transpose2d"
 

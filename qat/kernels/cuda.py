@@ -18,8 +18,6 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
   channels_last.
 * GEMM and conv kernels are autotuned per shape (``triton_kernels.TILES``); the first call of each shape
   pays for it.
-* ``linear_lookup`` reads an elementwise function's table (GELU after ViT's fc1) in the GEMM's epilogue: the
-  Linear's codes are replaced by their entries before they are stored.
 * ``conv2d_add`` fuses a residual add (+ReLU) into the conv epilogue: what the unfused graph computes
   (conv requantized to its grid, dequantized, added, requantized), bit for bit.
 * Grouped and depthwise convs: a direct Triton kernel (int32 on CUDA cores).
@@ -184,7 +182,6 @@ class CudaBackend:
     name = "cuda"
     fuses_conv_add = True
     fuses_attention = True
-    fuses_linear_lookup = True
     int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
     def __init__(self) -> None:
@@ -260,21 +257,11 @@ class CudaBackend:
 
     def linear(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                out_qp: ActQParams | None = None, relu: bool = False) -> Tensor:
-        return self._linear(x, x_qp, packed, out_qp, relu, None)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None) -> Tensor:
-        """The table read in the GEMM's epilogue: the Linear's codes never reach memory."""
-        return self._linear(x, x_qp, packed, mid_qp, False, table.to(x.device).contiguous())
-
-    def _linear(self, x: Tensor, x_qp: ActQParams, packed: Packed, out_qp: ActQParams | None, relu: bool,
-                table: Tensor | None) -> Tensor:
         self._require_device(x)
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
         rows = rows if rows.stride(-1) == 1 else rows.contiguous()
         gw = packed.native
-        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu,
-                                  table=table)  # [M, N]
+        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu)  # [M, N]
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:

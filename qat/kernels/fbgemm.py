@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qat.kernels.reference import (ReferenceBackend, attention_unfused, conv2d_then_add, dequantize_activation,
-                                   finish, linear_then_lookup, lookup_codes, make_packed)
+                                   finish, lookup_codes, make_packed)
 from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -122,7 +122,6 @@ class FbgemmBackend:
     name = "fbgemm"
     fuses_conv_add = False
     fuses_attention = False
-    fuses_linear_lookup = False
     int8_activations = False  # quint8 is its native type: int8 activations cost a pass each way
 
     def __init__(self) -> None:
@@ -266,7 +265,3 @@ class FbgemmBackend:
     def attention(self, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
                   out_qp: ActQParams | None = None) -> Tensor:
         return attention_unfused(self, q, k_t, v, grids, out_qp)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None) -> Tensor:
-        return linear_then_lookup(self, x, x_qp, packed, mid_qp, table, out_qp)

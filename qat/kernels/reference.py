@@ -108,13 +108,6 @@ def conv2d_then_add(backend, x: Tensor, x_qp: ActQParams, packed: Packed, conv_q
     return backend.add(y, conv_qp, other, other_qp, out_qp, relu)
 
 
-def linear_then_lookup(backend, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
-                       out_qp: ActQParams | None) -> Tensor:
-    """The unfused graph that ``linear_lookup`` stands for: the Linear requantized to mid_qp, then each code
-    replaced by its table entry (codes on out_qp, or float values when out_qp is None)."""
-    return backend.lookup(backend.linear(x, x_qp, packed, mid_qp), mid_qp, table, out_qp)
-
-
 def attention_unfused(backend, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
                       out_qp: ActQParams | None) -> Tensor:
     """The unfused graph that ``attention`` stands for: ``q @ k_t`` requantized to the scores' grid, its codes
@@ -141,7 +134,6 @@ class ReferenceBackend:
     name = "reference"
     fuses_conv_add = False
     fuses_attention = False
-    fuses_linear_lookup = False
     int8_activations = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
@@ -231,7 +223,3 @@ class ReferenceBackend:
     def attention(self, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
                   out_qp: ActQParams | None = None) -> Tensor:
         return attention_unfused(self, q, k_t, v, grids, out_qp)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None) -> Tensor:
-        return linear_then_lookup(self, x, x_qp, packed, mid_qp, table, out_qp)

@@ -114,12 +114,9 @@ def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: t
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, table_ptr,
-              HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              HAS_TABLE: tl.constexpr):
-    """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored;
-    with a table, each requantized code is replaced by its entry, ``table[code & 255]`` (an elementwise
-    function after the layer, ``Int8Lookup``).
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS: tl.constexpr,
+              OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored.
 
     Output (and residual) rows are dense: element (m, n) at ``m * N + n``.
     """
@@ -134,11 +131,7 @@ def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scal
         mid = _requantize(y, mid_inv_scale, mid_zero, mid_lo, mid_hi)
         other = tl.load(res_ptr + offs, mask=mask, other=0).to(tl.float32)
         y = (mid - mid_zero) * mid_scale + (other - res_zero) * res_scale
-    if HAS_TABLE:
-        code = _requantize(y, inv_scale, zero_point, lo, hi).to(tl.int32) & 255
-        tl.store(out_ptr + offs, tl.load(table_ptr + code, mask=mask), mask=mask)
-    else:
-        _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+    _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
 
 
 @triton.jit
@@ -163,11 +156,11 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 @_autotune(key=["M", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, table_ptr, out_ptr, M, N, K, sxm, K_PAD,
+def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, sxm, K_PAD,
                  x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale,
                  res_zero, res_scale, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
-                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_TABLE: tl.constexpr, EVEN_K: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K)."""
     pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -189,8 +182,8 @@ def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, table_p
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, table_ptr, HAS_BIAS, OUT_FLOAT,
-              RELU, HAS_RESIDUAL, HAS_TABLE)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @_autotune(key=["M", "N", "C", "K_LOOP"])
@@ -237,8 +230,8 @@ def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, out_ptr, HAS_BIAS, OUT_FLOAT,
-              RELU, HAS_RESIDUAL, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @triton.jit
@@ -287,8 +280,8 @@ def _conv_rows_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, ou
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, out_ptr, HAS_BIAS, OUT_FLOAT,
-              RELU, HAS_RESIDUAL, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @triton.jit
@@ -322,7 +315,7 @@ def _grouped_conv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, H, 
             w = tl.load(w_ptr + (tap * CG + ci) * N + n)
             acc += (x.to(tl.int32) - x_zero) * w.to(tl.int32)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, out_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              1.0, 0, 0, 0, 1.0, 0, 1.0, out_ptr, HAS_BIAS, OUT_FLOAT, RELU, False, False)
+              1.0, 0, 0, 0, 1.0, 0, 1.0, HAS_BIAS, OUT_FLOAT, RELU, False)
 
 
 @triton.jit
@@ -598,21 +591,16 @@ def _tiles_grid(m: int, n: int):
 
 def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
            out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
-           config: Tile | None = None, table: Tensor | None = None) -> Tensor:
-    """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K).
-    With ``table`` (256 entries, contiguous), the output codes on out_qp are replaced by their entries: the
-    output has the table's dtype."""
+           config: Tile | None = None) -> Tensor:
+    """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K)."""
     m, k = x.shape
     n, k_pad = w.shape
-    if table is not None and (out_qp is None or residual is not None):
-        raise ValueError("a table after the GEMM reads its codes: it needs out_qp and no residual")
-    out = _out(m, n, out_qp, x.device) if table is None else torch.empty(m, n, dtype=table.dtype, device=x.device)
+    out = _out(m, n, out_qp, x.device)
     scalars, flags = _epilogue_args(out_qp, relu, residual)
-    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows,
-            out if table is None else table, out, m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale,
-            *scalars)
-    _launch(_gemm_kernel, _tiles_grid(m, n), args, dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
-                                                        HAS_TABLE=table is not None, **flags), config)
+    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
+            m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars)
+    _launch(_gemm_kernel, _tiles_grid(m, n), args,
+            dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags), config)
     return out
 
 

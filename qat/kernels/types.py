@@ -247,16 +247,6 @@ class KernelBackend(Protocol):
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor: ...
 
-    fuses_linear_lookup: bool
-    """Class attribute: True when ``linear_lookup`` is one fused kernel (lowering then folds a table lookup,
-    GELU and the like, into the Linear before it)."""
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, mid_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None) -> Tensor:
-        """``lookup(linear(x, x_qp, packed, mid_qp), mid_qp, table, out_qp)``: what the unfused graph computes
-        (``reference.linear_then_lookup``), fused where ``fuses_linear_lookup``, bit for bit alike."""
-        ...
-
     fuses_attention: bool
     """Class attribute: True when ``attention`` is one fused kernel (lowering then fuses attention cores)."""
 

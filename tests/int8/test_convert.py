@@ -8,7 +8,7 @@ from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.int8 import ConversionError, compare, convert, layer_agreement
 from qat.int8.lower import lower
-from qat.int8.modules import Int8Attention, Int8Binary, Int8Conv2dAdd, Int8LinearLookup, Int8Lookup, Int8Softmax
+from qat.int8.modules import Int8Attention, Int8Binary, Int8Conv2dAdd, Int8Softmax
 from qat.kernels import BACKENDS as KERNEL_BACKENDS
 from qat.kernels import get_backend
 from qat.models.cifar_resnet import load_cifar_resnet
@@ -83,7 +83,7 @@ def _assert_backend_matches_reference(prepared, x, backend, device):
     # the same graph (fused conv + add where the backend fuses them) computed by the reference kernels
     kernels = KERNEL_BACKENDS[backend]
     reference = lower(prepared, "reference", fuse_conv_add=kernels.fuses_conv_add,
-                      fuse_attention=kernels.fuses_attention, fuse_linear_lookup=kernels.fuses_linear_lookup,
+                      fuse_attention=kernels.fuses_attention,
                       int8_activations=kernels.int8_activations)
     ref_values = _reference_values(reference, x)
     fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
@@ -144,24 +144,6 @@ def test_fused_attention_computes_the_unfused_graph(backend, tmp_path):
         qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
         assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend)(x), unfused(x))
     assert not any(isinstance(m, Int8Attention) for m in convert(prepared, backend).modules())  # declined
-
-
-@pytest.mark.parametrize("backend", ["reference", "fbgemm"])
-def test_fused_linear_lookup_computes_the_unfused_graph(backend, tmp_path):
-    """Each MLP's GELU table folds into the Linear before it (Int8LinearLookup); on backends that run it
-    unfused the outputs stay bit-identical, also after an artifact round trip."""
-    prepared, batches = _synthetic("tiny_transformer")
-    x = batches[0][0]
-    fused, unfused = lower(prepared, backend, fuse_linear_lookup=True), lower(prepared, backend, fuse_linear_lookup=False)
-    folded = [m for m in fused.modules() if isinstance(m, Int8LinearLookup)]
-    lookups = [m for m in unfused.modules() if isinstance(m, Int8Lookup)]
-    assert len(folded) == len(lookups) > 0 and all(m.out_qp is not None for m in folded)
-    assert len([m for m in fused.modules() if isinstance(m, Int8Lookup)]) == len(folded)  # only inside the Linears
-    with torch.no_grad():
-        assert torch.equal(fused(x), unfused(x))
-        qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
-        assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend)(x), unfused(x))
-    assert not any(isinstance(m, Int8LinearLookup) for m in convert(prepared, backend).modules())  # declined
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])

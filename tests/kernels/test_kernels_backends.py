@@ -83,26 +83,6 @@ def test_linear(backend_name, x_shape, n, per_channel, with_bias, signed, out):
     _finish_case(on, "linear", inputs, out, signed)
 
 
-@pytest.mark.parametrize("out", ["float", "quant"])
-@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
-@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
-def test_linear_lookup(backend_name, signed, out):
-    """A Linear requantized to mid_qp, then a GELU table over mid_qp's codes (codes on out_qp, or float values):
-    the unfused reference graph, bit for bit."""
-    on = OnBackend(backend_name)
-    x_qp = activation_qparams(signed, activation_qmax(backend_name))
-    x = random_activation((3, 5, 48), x_qp)
-    weight, bias = random_weight((40, 48)), torch.randn(40)
-    mid_qp = fitted_qparams(REF.linear(x, x_qp, REF.pack_linear(weight, bias)), signed)
-    values = torch.nn.functional.gelu(REF.dequantize(torch.arange(256, dtype=torch.uint8).view(mid_qp.dtype), mid_qp))
-    out_qp = None if out == "float" else activation_qparams(signed)
-    table = values if out_qp is None else REF.quantize(values, out_qp)
-    expected = REF.linear_lookup(x, x_qp, REF.pack_linear(weight, bias), mid_qp, table, out_qp)
-    packed = on.backend.pack_linear(weight, bias)
-    got = on.back(on.backend.linear_lookup(on.act(x, x_qp), x_qp, packed, mid_qp, table.to(on.device), out_qp), out_qp)
-    assert got.dtype == expected.dtype and torch.equal(got, expected)
-
-
 @pytest.mark.parametrize("out", OUTPUTS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c[:10])))
 @pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
