@@ -10,7 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qat.kernels import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, dequantize_activation, get_backend, quantize_activation
+from qat.kernels import (ActQParams, AttentionGrids, ConvGeometry, Int8Weight, dequantize_activation, get_backend,
+                         quantize_activation)
 
 
 class BackendModule(nn.Module):
