@@ -184,8 +184,7 @@ def _softmax_decode(config, tensors, backend):
 
 
 def _attention_encode(m: q8.Int8Attention):
-    grids = {f.name: _asdict(getattr(m.grids, f.name)) for f in dataclasses.fields(m.grids)}
-    return {"grids": grids, "out_qp": _asdict(m.out_qp)}, {}
+    return {"grids": _asdict(m.grids), "out_qp": _asdict(m.out_qp)}, {}
 
 
 def _attention_decode(config, tensors, backend):

@@ -253,8 +253,7 @@ class _Lowering:
             return None
         a, b = node.args[:2]
         for conv, other in ((a, b), (b, a)):
-            module = self.modules.get(conv.target) if conv.op == "call_module" else None
-            if type(module) is q8.Int8Conv2d and module.out_qp is not None and len(conv.users) == 1 and conv is not other:
+            if self._sole_reader_module(conv, q8.Int8Conv2d) is not None and conv is not other:
                 return conv, other
         return None
 
