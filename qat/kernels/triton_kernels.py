@@ -15,6 +15,7 @@ does), dequantized, added to the dequantized residual and requantized to the add
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -347,12 +348,18 @@ def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, rows, C, scale, zero, eps, 
 
 
 @triton.jit
+def _exp(x, ACCURATE_EXP: tl.constexpr):
+    """``ACCURATE_EXP``: CUDA's expf (libdevice), what torch's softmax calls, instead of Triton's fast exp2 path
+    (the interpreter has no libdevice; its tl.exp is numpy's)."""
+    if ACCURATE_EXP:
+        return libdevice.exp(x)
+    return tl.exp(x)
+
+
+@triton.jit
 def _softmax_kernel(q_ptr, out_ptr, rows, C, scale, zero, inv_scale, out_zero, lo, hi, OUT_FLOAT: tl.constexpr,
                     ACCURATE_EXP: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """ROWS rows of C codes: dequantize, exp(x - max) / sum like torch's softmax, store (requantized or float).
-
-    ``ACCURATE_EXP``: CUDA's expf (libdevice), what torch's softmax calls, instead of Triton's fast exp2 path
-    (the interpreter has no libdevice; its tl.exp is numpy's)."""
+    """ROWS rows of C codes: dequantize, exp(x - max) / sum like torch's softmax, store (requantized or float)."""
     row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     inside = (row < rows)[:, None] & (cols < C)[None, :]
@@ -361,10 +368,7 @@ def _softmax_kernel(q_ptr, out_ptr, rows, C, scale, zero, inv_scale, out_zero, l
     x = tl.where(inside, x, float("-inf"))  # columns past C: exp gives 0
     real_row = row < rows  # rows past the end: shifted by 0 and divided by 1, never stored
     shifted = x - tl.where(real_row, tl.max(x, axis=1), 0.0)[:, None]
-    if ACCURATE_EXP:
-        e = libdevice.exp(shifted)
-    else:
-        e = tl.exp(shifted)
+    e = _exp(shifted, ACCURATE_EXP)
     y = e / tl.where(real_row, tl.sum(e, axis=1), 1.0)[:, None]
     _store_output(out_ptr + offs, y, inside, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
 
@@ -463,73 +467,139 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, 
                   OUT_FLOAT, False)
 
 
-# Fused attention: query rows per program and warps, one choice for every shape (the autotuner, with its short
-# timing, picked 16 rows at 604 us over 32 at 550). ViT-B/16 at batch 256 (197 keys, head dim 64) on an H200, per
-# layer: 16 rows on 4 warps 604 us, 32 on 4 550 us, 32 on 2 607 us, 64 on 4 788 us; unfused kernels 852 us.
-_ATTENTION_ROWS, _ATTENTION_WARPS = 32, 4
-MAX_ATTENTION_KEYS = 256  # keys of one query row held by one program (its scores stay in registers)
+# Fused attention (ViT-B/16 at batch 256: 197 keys, head dim 64, on an H200, per layer): 64 query rows on 4 warps
+# (one warpgroup: Hopper's wgmma), a program looping over every row block of its head, 408 us; one program per row
+# block 568 us; 32 rows 546 us; 128 rows on 8 warps 451 us; the int8-dot kernel this replaced 547 us; bf16 flash
+# attention 166 us; the unfused kernels 852 us.
+_ATTENTION_ROWS, _ATTENTION_WARPS = 64, 4
+MAX_ATTENTION_KEYS = 256  # keys of one query row held by one program; also the fp16 dots' exactness bound
 MAX_ATTENTION_HEAD = 128  # head dim
+_KEY_CHUNK_MIN = 16  # fp16 dots take K steps of 16
+_ROW_LOOP_PROGRAMS_PER_SM = 2  # one program per head where there are enough heads to fill the GPU
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter's CPU tensors."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def key_chunks(keys: int) -> tuple[int, int, int]:
+    """Up to three powers of two (at least 16; 0 = no chunk) whose sum covers ``keys``, so that few padded keys
+    go through the softmax: ``key_chunks(197) == (128, 64, 16)``, ``key_chunks(256) == (256, 0, 0)``."""
+    rest, chunks = -(-keys // _KEY_CHUNK_MIN) * _KEY_CHUNK_MIN, []
+    while rest > 0 and len(chunks) < 2:
+        chunks.append(1 << (rest.bit_length() - 1))
+        rest -= chunks[-1]
+    if rest > 0:
+        chunks.append(triton.next_power_of_2(rest))
+    return (*chunks, *(0,) * (3 - len(chunks)))
 
 
 @triton.jit
-def _row_sums(a, K: tl.constexpr):
-    """Sums of the rows of int8 ``a`` [M, K] (int32 [M]): a product with ones on the tensor cores, cheaper than
-    a reduction across threads (ViT-B/16's attention: 745 -> 572 us for the four sums)."""
-    return tl.max(tl.dot(a, tl.full((K, 16), 1, tl.int8), out_dtype=tl.int32), axis=1)
+def _centred(codes, zero, mask):
+    """fp16 ``codes - zero`` (an integer, |.| <= 255: exact in fp16), 0 where ``mask`` is off."""
+    return tl.where(mask, codes.to(tl.int32) - zero, 0).to(tl.float16)
 
 
 @triton.jit
-def _column_sums(b, K: tl.constexpr):
-    """Sums of the columns of int8 ``b`` [K, N] (int32 [N]), likewise."""
-    return tl.max(tl.dot(tl.full((16, K), 1, tl.int8), b, out_dtype=tl.int32), axis=0)
+def _key_chunk(k_ptr, v_ptr, start, S, rd, head, skd, sks, svs, svd, k_zero, v_zero, BC: tl.constexpr):
+    """Keys ``start .. start + BC`` as centred fp16 ``k`` [BD, BC] and ``v`` [BC, BD], zero past S and past D."""
+    rs = start + tl.arange(0, BC)
+    k_mask = head[:, None] & (rs < S)[None, :]
+    v_mask = (rs < S)[:, None] & head[None, :]
+    k = _centred(tl.load(k_ptr + rd[:, None] * skd + rs[None, :] * sks, mask=k_mask), k_zero, k_mask)
+    v = _centred(tl.load(v_ptr + rs[:, None] * svs + rd[None, :] * svd, mask=v_mask), v_zero, v_mask)
+    return k, v
+
+
+@triton.jit
+def _chunk_logits(q, k, start, S, qk_mult, s_inv_scale, s_zero, s_lo, s_hi, logit_scale, BC: tl.constexpr):
+    """Logits of one key chunk: ``q @ k`` (exact) requantized to the scores' grid, relabelled; -inf past S."""
+    scores = _requantize(tl.dot(q, k, out_dtype=tl.float32) * qk_mult, s_inv_scale, s_zero, s_lo, s_hi)
+    live = (start + tl.arange(0, BC)) < S
+    return tl.where(live[None, :], (scores - s_zero) * logit_scale, float("-inf"))
+
+
+@triton.jit
+def _chunk_output(e, total, v, start, S, p_inv_scale, p_zero, p_lo, p_hi, BC: tl.constexpr):
+    """One key chunk's share of the output: probabilities ``e / total`` requantized, centred, ``@ v`` (exact)."""
+    p = _requantize(e / total[:, None], p_inv_scale, p_zero, p_lo, p_hi)
+    live = (start + tl.arange(0, BC)) < S
+    return tl.dot(tl.where(live[None, :], p - p_zero, 0.0).to(tl.float16), v, out_dtype=tl.float32)
+
+
+@triton.jit
+def _attention_rows(q_ptr, out_ptr, rm, L, S, rd, head, sql, sqd, sol, sod, q_zero, qk_mult, s_inv_scale, s_zero,
+                    s_lo, s_hi, logit_scale, p_inv_scale, p_zero, p_lo, p_hi, pv_mult, inv_scale, zero_point, lo,
+                    hi, k1, v1, k2, v2, k3, v3, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                    OUT_FLOAT: tl.constexpr, ACCURATE_EXP: tl.constexpr):
+    """Query rows ``rm`` against the key chunks (k1, v1), (k2, v2) where C2 > 0, (k3, v3) where C3 > 0."""
+    q_mask = (rm[:, None] < L) & head[None, :]
+    q = _centred(tl.load(q_ptr + rm[:, None] * sql + rd[None, :] * sqd, mask=q_mask), q_zero, q_mask)
+    x1 = _chunk_logits(q, k1, 0, S, qk_mult, s_inv_scale, s_zero, s_lo, s_hi, logit_scale, C1)
+    top = tl.max(x1, axis=1)
+    if C2 > 0:
+        x2 = _chunk_logits(q, k2, C1, S, qk_mult, s_inv_scale, s_zero, s_lo, s_hi, logit_scale, C2)
+        top = tl.maximum(top, tl.max(x2, axis=1))
+    if C3 > 0:
+        x3 = _chunk_logits(q, k3, C1 + C2, S, qk_mult, s_inv_scale, s_zero, s_lo, s_hi, logit_scale, C3)
+        top = tl.maximum(top, tl.max(x3, axis=1))
+    e1 = _exp(x1 - top[:, None], ACCURATE_EXP)
+    total = tl.sum(e1, axis=1)
+    if C2 > 0:
+        e2 = _exp(x2 - top[:, None], ACCURATE_EXP)
+        total += tl.sum(e2, axis=1)
+    if C3 > 0:
+        e3 = _exp(x3 - top[:, None], ACCURATE_EXP)
+        total += tl.sum(e3, axis=1)
+    out = _chunk_output(e1, total, v1, 0, S, p_inv_scale, p_zero, p_lo, p_hi, C1)
+    if C2 > 0:
+        out += _chunk_output(e2, total, v2, C1, S, p_inv_scale, p_zero, p_lo, p_hi, C2)
+    if C3 > 0:
+        out += _chunk_output(e3, total, v3, C1 + C2, S, p_inv_scale, p_zero, p_lo, p_hi, C3)
+    _store_output(out_ptr + rm[:, None] * sol + rd[None, :] * sod, out * pv_mult, q_mask, inv_scale, zero_point,
+                  lo, hi, OUT_FLOAT, False)
 
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, S, D, INNER, sq0, sq1, sql, sqd, sk0, sk1, skd, sks,
-                      sv0, sv1, svs, svd, so0, so1, sol, sod, q_offset, k_offset, qk_mult, s_inv_scale, s_zero, s_lo,
-                      s_hi, logit_scale, p_inv_scale, p_zero, p_lo, p_hi, p_offset, v_offset, pv_mult, inv_scale,
-                      zero_point, lo, hi, Q_UNSIGNED: tl.constexpr, K_UNSIGNED: tl.constexpr,
-                      V_UNSIGNED: tl.constexpr, OUT_FLOAT: tl.constexpr, ACCURATE_EXP: tl.constexpr,
-                      BS: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
-    """BM query rows of one (outer, inner) batch: ``q @ k_t`` -> scores' codes -> softmax of the logits ->
-    probabilities' codes -> ``@ v`` -> stored, each step the arithmetic of the unfused kernels (``_bmm_kernel``,
-    ``_softmax_kernel``), every key of a row in registers (S <= BS). The probabilities come out as signed codes
-    (``p_zero``, ``p_lo``, ``p_hi`` of the int8 equivalent grid); keys past S get probability 0, the zero
-    point, so whatever v holds there adds nothing, ``(p - z_p)(v - z_v) = 0``."""
-    blocks = tl.cdiv(L, BM)
-    batch, block = tl.program_id(0) // blocks, tl.program_id(0) % blocks
+                      sv0, sv1, svs, svd, so0, so1, sol, sod, q_zero, k_zero, qk_mult, s_inv_scale, s_zero, s_lo,
+                      s_hi, logit_scale, p_inv_scale, p_zero, p_lo, p_hi, v_zero, pv_mult, inv_scale, zero_point,
+                      lo, hi, OUT_FLOAT: tl.constexpr, ACCURATE_EXP: tl.constexpr, ROW_LOOP: tl.constexpr,
+                      C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """``q @ k_t`` -> scores' codes -> softmax of the logits -> probabilities' codes -> ``@ v`` -> stored, each
+    step the arithmetic of the unfused kernels (``_bmm_kernel``, ``_softmax_kernel``), every key of a row in
+    registers, in key chunks of C1, C2, C3 (S <= C1 + C2 + C3). ROW_LOOP: one program per (outer, inner) batch
+    loops over its blocks of BM query rows, its keys loaded once; else one program per block.
+
+    The products run on fp16 tensor cores: the codes minus their zero points are integers of at most 255 in
+    magnitude, exact in fp16, and so is every product and partial sum in the float32 accumulator while it stays
+    below 2^24 (D * 255^2 and S * 255^2 for D, S <= 256): the int32 sums of the unfused kernels, without their
+    zero-point corrections."""
+    if ROW_LOOP:
+        batch, first, count = tl.program_id(0), 0, tl.cdiv(L, BM)
+    else:
+        blocks = tl.cdiv(L, BM)
+        batch, first, count = tl.program_id(0) // blocks, tl.program_id(0) % blocks, 1
     outer, inner = batch // INNER, batch % INNER
     q_ptr += outer.to(tl.int64) * sq0 + inner.to(tl.int64) * sq1
     k_ptr += outer.to(tl.int64) * sk0 + inner.to(tl.int64) * sk1
     v_ptr += outer.to(tl.int64) * sv0 + inner.to(tl.int64) * sv1
     out_ptr += outer.to(tl.int64) * so0 + inner.to(tl.int64) * so1
-    rm = block * BM + tl.arange(0, BM)
     rd = tl.arange(0, BD)
-    rs = tl.arange(0, BS)
     head = rd < D
-    q = _signed(tl.load(q_ptr + rm[:, None] * sql + rd[None, :] * sqd, mask=(rm[:, None] < L) & head[None, :]),
-                Q_UNSIGNED)
-    k = _signed(tl.load(k_ptr + rd[:, None] * skd + rs[None, :] * sks, mask=head[:, None] & (rs[None, :] < S)),
-                K_UNSIGNED)
-    if BD != D:  # head dims past D: signed 0 in both, nothing in the products or the sums
-        q = tl.where(head[None, :], q, 0).to(tl.int8)
-        k = tl.where(head[:, None], k, 0).to(tl.int8)
-    acc = tl.dot(q, k, out_dtype=tl.int32)  # [BM, BS]
-    acc += k_offset * _row_sums(q, BD)[:, None] + q_offset * _column_sums(k, BD)[None, :] + D * q_offset * k_offset
-    scores = _requantize(acc.to(tl.float32) * qk_mult, s_inv_scale, s_zero, s_lo, s_hi)  # the scores' codes
-    x = tl.where((rs < S)[None, :], (scores - s_zero) * logit_scale, float("-inf"))  # keys past S: exp gives 0
-    shifted = x - tl.max(x, axis=1)[:, None]
-    if ACCURATE_EXP:
-        e = libdevice.exp(shifted)
-    else:
-        e = tl.exp(shifted)
-    p = _requantize(e / tl.sum(e, axis=1)[:, None], p_inv_scale, p_zero, p_lo, p_hi).to(tl.int32).to(tl.int8)
-    v = _signed(tl.load(v_ptr + rs[:, None] * svs + rd[None, :] * svd, mask=(rs[:, None] < S) & head[None, :]),
-                V_UNSIGNED)
-    out = tl.dot(p, v, out_dtype=tl.int32)  # [BM, BD]
-    out += v_offset * _row_sums(p, BS)[:, None] + p_offset * _column_sums(v, BS)[None, :] + BS * p_offset * v_offset
-    _store_output(out_ptr + rm[:, None] * sol + rd[None, :] * sod, out.to(tl.float32) * pv_mult,
-                  (rm[:, None] < L) & head[None, :], inv_scale, zero_point, lo, hi, OUT_FLOAT, False)
+    k1, v1 = _key_chunk(k_ptr, v_ptr, 0, S, rd, head, skd, sks, svs, svd, k_zero, v_zero, C1)
+    k2, v2, k3, v3 = k1, v1, k1, v1  # unread where a chunk is absent (C2 or C3 == 0)
+    if C2 > 0:
+        k2, v2 = _key_chunk(k_ptr, v_ptr, C1, S, rd, head, skd, sks, svs, svd, k_zero, v_zero, C2)
+    if C3 > 0:
+        k3, v3 = _key_chunk(k_ptr, v_ptr, C1 + C2, S, rd, head, skd, sks, svs, svd, k_zero, v_zero, C3)
+    for i in range(count):
+        _attention_rows(q_ptr, out_ptr, (first + i) * BM + tl.arange(0, BM), L, S, rd, head, sql, sqd, sol, sod,
+                        q_zero, qk_mult, s_inv_scale, s_zero, s_lo, s_hi, logit_scale, p_inv_scale, p_zero, p_lo,
+                        p_hi, pv_mult, inv_scale, zero_point, lo, hi, k1, v1, k2, v2, k3, v3, C1, C2, C3, OUT_FLOAT,
+                        ACCURATE_EXP)
 
 
 def signed_offset(qp: ActQParams) -> int:
@@ -793,13 +863,16 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     dtype = torch.float32 if out_qp is None else out_qp.dtype
     out = (torch.empty_like(v, dtype=dtype) if v.shape == (outer, inner, rows, d)
            else torch.empty(outer, inner, rows, d, dtype=dtype, device=q.device))
-    s_qp, p_qp = grids.scores, grids.probs
-    _attention_kernel[(outer * inner * triton.cdiv(rows, _ATTENTION_ROWS),)](
+    s_qp, p_qp = grids.scores, grids.probs.as_int8()
+    batches = outer * inner
+    row_loop = batches >= _ROW_LOOP_PROGRAMS_PER_SM * _sm_count(q.device)
+    programs = batches if row_loop else batches * triton.cdiv(rows, _ATTENTION_ROWS)
+    c1, c2, c3 = key_chunks(keys)
+    _attention_kernel[(programs,)](
         q, k_t, v, out, rows, keys, d, inner, *q.stride(), *k_t.stride(), *v.stride(), *out.stride(),
-        signed_offset(grids.q), signed_offset(grids.k), grids.q.scale * grids.k.scale, *_requant_args(s_qp, False),
-        grids.logits.scale, *_requant_args(p_qp.as_int8(), False), signed_offset(p_qp), signed_offset(grids.v),
-        p_qp.scale * grids.v.scale, *_requant_args(out_qp, False), Q_UNSIGNED=q.dtype == torch.uint8,
-        K_UNSIGNED=k_t.dtype == torch.uint8, V_UNSIGNED=v.dtype == torch.uint8, OUT_FLOAT=out_qp is None,
-        ACCURATE_EXP=not INTERPRET, BS=max(32, triton.next_power_of_2(keys)), BD=max(32, triton.next_power_of_2(d)),
-        BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS, **NO_FMA)
+        grids.q.zero_point, grids.k.zero_point, grids.q.scale * grids.k.scale, *_requant_args(s_qp, False),
+        grids.logits.scale, *_requant_args(p_qp, False), grids.v.zero_point, p_qp.scale * grids.v.scale,
+        *_requant_args(out_qp, False), OUT_FLOAT=out_qp is None, ACCURATE_EXP=not INTERPRET, ROW_LOOP=row_loop,
+        C1=c1, C2=c2, C3=c3, BD=max(16, triton.next_power_of_2(d)), BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS,
+        **NO_FMA)
     return out
