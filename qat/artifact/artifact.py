@@ -37,7 +37,7 @@ from qat.fx.rewrite import set_preserved_attr
 from qat.kernels import BACKENDS, default_backend
 
 FORMAT = "qat-int8-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused layer + add modules store layer_qp / layer_relu (1: conv_qp / conv_relu)
 BACKEND_DEVICES = {"reference": ("cpu", "cuda"), "fbgemm": ("cpu",), "cuda": ("cuda",)}
 
 

@@ -122,18 +122,21 @@ def _weight_layer_decode(cls):
     return decode
 
 
-def _conv_add_encode(m: q8.Int8Conv2dAdd):
+def _layer_add_encode(m: q8.Int8LayerAdd):
     config, tensors = _weight_layer_encode(m)
-    config.update(conv_qp=_asdict(m.conv_qp), conv_relu=m.conv_relu, other_qp=_asdict(m.other_qp))
+    config.update(layer_qp=_asdict(m.layer_qp), layer_relu=m.layer_relu, other_qp=_asdict(m.other_qp))
     return config, tensors
 
 
-def _conv_add_decode(config, tensors, backend):
-    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
-    m = q8.Int8Conv2dAdd(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["conv_qp"]),
-                         config["conv_relu"], _qp(config["other_qp"]), backend, ConvGeometry(**config["geometry"]))
-    m.out_qp, m.relu = _qp(config["out_qp"]), config["relu"]
-    return m
+def _layer_add_decode(cls):
+    def decode(config, tensors, backend):
+        geometry = None if config["geometry"] is None else ConvGeometry(**config["geometry"])
+        weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
+        m = cls(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["layer_qp"]), config["layer_relu"],
+                _qp(config["other_qp"]), backend, geometry)
+        m.out_qp, m.relu = _qp(config["out_qp"]), config["relu"]
+        return m
+    return decode
 
 
 def _keep_grid_encode(m: q8.KeepGrid):
@@ -208,7 +211,8 @@ def _cat_decode(config, tensors, backend):
 INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Linear: (_weight_layer_encode, _weight_layer_decode(q8.Int8Linear)),
     q8.Int8Conv2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv2d)),
-    q8.Int8Conv2dAdd: (_conv_add_encode, _conv_add_decode),
+    q8.Int8Conv2dAdd: (_layer_add_encode, _layer_add_decode(q8.Int8Conv2dAdd)),
+    q8.Int8LinearAdd: (_layer_add_encode, _layer_add_decode(q8.Int8LinearAdd)),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),

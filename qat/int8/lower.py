@@ -10,8 +10,8 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   softmax (last dim) of an int8 value            -> Int8Softmax (likewise)
   elementwise function of an int8 value          -> Int8Lookup (GELU, SiLU, sigmoid, ...: a 256-entry table)
   int8 x * c, c a power of two (1/sqrt(d))       -> Relabel: x's codes on x's scale times c (no pass)
-  add of a conv output read only by the add      -> Int8Conv2dAdd (conv + add in one epilogue), when the
-                                                    backend fuses them (``fuses_conv_add``)
+  add of a conv / Linear output read only by     -> Int8Conv2dAdd / Int8LinearAdd (layer + add in one
+  the add                                           epilogue), when the backend fuses them (``fuses_layer_add``)
   softmax(q @ k_t [* c]) @ v, each step int8      -> Int8Attention (one kernel, scores and probabilities in
   and read only by the next                         registers), when the backend fuses it (``fuses_attention``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
@@ -99,13 +99,13 @@ def int8_layer(m: QuantizedWeightModule, name: str, in_qp: ActQParams, backend: 
 
 def _fuses_relu(module: nn.Module | None) -> bool:
     """Ops whose requantize epilogue can apply a following ReLU (raising the clamp floor)."""
-    return isinstance(module, q8.Int8Conv2dAdd) or (isinstance(module, q8.Int8Binary) and module.op in ("add", "mul"))
+    return isinstance(module, q8.Int8LayerAdd) or (isinstance(module, q8.Int8Binary) and module.op in ("add", "mul"))
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, backend: str, fuse_conv_add: bool, fuse_attention: bool,
+    def __init__(self, gm: fx.GraphModule, backend: str, fuse_layer_add: bool, fuse_attention: bool,
                  int8_activations: bool):
-        self.gm, self.backend, self.fuse_conv_add, self.fuse_attention = gm, backend, fuse_conv_add, fuse_attention
+        self.gm, self.backend, self.fuse_layer_add, self.fuse_attention = gm, backend, fuse_layer_add, fuse_attention
         self.int8_activations = int8_activations
         self.modules = dict(gm.named_modules())
         self.grid: dict[fx.Node, ActQParams] = {}  # int8 values and their qparams
@@ -221,9 +221,9 @@ class _Lowering:
             self.relu6_ops.add(node)
 
     def _binary(self, node: fx.Node) -> None:
-        fusable = self._fusable_conv(node)
+        fusable = self._fusable_layer(node)
         if fusable is not None:
-            return self._conv_add(node, *fusable)
+            return self._layer_add(node, *fusable)
         chain = self._attention_chain(node)
         if chain is not None:
             return self._attention(node, *chain)
@@ -247,28 +247,31 @@ class _Lowering:
         self.grid[new] = relabel.out_qp
         return True
 
-    def _fusable_conv(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-        """(conv, other) when ``node`` adds the requantized output of an Int8Conv2d that nothing else reads."""
-        if not self.fuse_conv_add or patterns.binary_kind(node) != "add" or node.kwargs:
+    def _fusable_layer(self, node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+        """(layer, other) when ``node`` adds the requantized output of an Int8Conv2d or Int8Linear that nothing
+        else reads."""
+        if not self.fuse_layer_add or patterns.binary_kind(node) != "add" or node.kwargs:
             return None
         a, b = node.args[:2]
-        for conv, other in ((a, b), (b, a)):
-            if self._sole_reader_module(conv, q8.Int8Conv2d) is not None and conv is not other:
-                return conv, other
+        for layer, other in ((a, b), (b, a)):
+            if layer is not other and any(self._sole_reader_module(layer, cls) is not None for cls in q8.FUSED_ADD):
+                return layer, other
         return None
 
-    def _conv_add(self, node: fx.Node, conv: fx.Node, other: fx.Node) -> None:
-        """Replace ``add(conv(x), other)`` by one Int8Conv2dAdd call ``(x, other)`` at the add's place."""
-        fused = q8.Int8Conv2dAdd.from_conv(self.modules[conv.target], self.grid[other])
-        _set_submodule(self.gm, conv.target, fused)
-        self.modules[conv.target] = fused
+    def _layer_add(self, node: fx.Node, layer: fx.Node, other: fx.Node) -> None:
+        """Replace ``add(layer(x), other)`` by one Int8Conv2dAdd / Int8LinearAdd call ``(x, other)`` at the add's
+        place."""
+        module = self.modules[layer.target]
+        fused = q8.FUSED_ADD[type(module)].from_layer(module, self.grid[other])
+        _set_submodule(self.gm, layer.target, fused)
+        self.modules[layer.target] = fused
         with self.gm.graph.inserting_before(node):
-            new = self.gm.graph.call_module(conv.target, (conv.args[0], other))
+            new = self.gm.graph.call_module(layer.target, (layer.args[0], other))
         node.replace_all_uses_with(new)
         self.gm.graph.erase_node(node)
-        self.gm.graph.erase_node(conv)
-        del self.grid[conv]  # the conv's own output exists only inside the fused kernel now
-        self.value_map = {q: name for q, name in self.value_map.items() if name != conv.name}
+        self.gm.graph.erase_node(layer)
+        del self.grid[layer]  # the layer's own output exists only inside the fused kernel now
+        self.value_map = {q: name for q, name in self.value_map.items() if name != layer.name}
         self.open_ops[new] = fused
 
     def _sole_reader_module(self, node: fx.Node, cls: type) -> nn.Module | None:
@@ -385,24 +388,25 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool)
                 _set_submodule(gm, name, nn.Sequential(q8.Quantize(in_qp, backend), layer))
 
 
-def lower(prepared: fx.GraphModule, backend: str, fuse_conv_add: bool | None = None,
+def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = None,
           int8_activations: bool | None = None, fuse_attention: bool | None = None) -> fx.GraphModule:
-    """The int8 graph of ``prepared`` on ``backend``. fuse_conv_add: fuse conv -> add into Int8Conv2dAdd
-    (None: when the backend runs it as one kernel; every backend computes it, fused or not, bit for bit alike).
+    """The int8 graph of ``prepared`` on ``backend``. fuse_layer_add: fuse conv -> add and Linear -> add into
+    Int8Conv2dAdd / Int8LinearAdd (None: when the backend runs them as one kernel; every backend computes them,
+    fused or not, bit for bit alike).
     fuse_attention: likewise for attention cores (Int8Attention; fused kernels agree with the unfused ones
     within 1 LSB, the softmax's sums taken in another order).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
     unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
-    fuse_conv_add = BACKENDS[backend].fuses_conv_add if fuse_conv_add is None else fuse_conv_add
+    fuse_layer_add = BACKENDS[backend].fuses_layer_add if fuse_layer_add is None else fuse_layer_add
     fuse_attention = BACKENDS[backend].fuses_attention if fuse_attention is None else fuse_attention
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
-    lowering = _Lowering(gm, backend, fuse_conv_add, fuse_attention, int8_activations)
+    lowering = _Lowering(gm, backend, fuse_layer_add, fuse_attention, int8_activations)
     lowering.run()
     _lower_leaf_layers(gm, backend, int8_activations)
     gm.graph.lint()

@@ -139,27 +139,39 @@ class Int8Conv2d(Int8WeightLayer):
     kind = "conv2d"
 
 
-class Int8Conv2dAdd(Int8Conv2d):
-    """A conv whose output (on ``conv_qp``, ReLU'd when ``conv_relu``) feeds only an add with ``other``: one
-    backend call, ``conv2d_add``, fused into the conv's epilogue where the backend ``fuses_conv_add``.
-    ``out_qp`` and ``relu`` are the add's."""
+class Int8LayerAdd(Int8WeightLayer):
+    """A layer whose output (on ``layer_qp``, ReLU'd when ``layer_relu``) feeds only an add with ``other``: one
+    backend call, ``conv2d_add`` / ``linear_add``, fused into the layer's epilogue where the backend
+    ``fuses_layer_add``. ``out_qp`` and ``relu`` are the add's."""
 
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, conv_qp: ActQParams,
-                 conv_relu: bool, other_qp: ActQParams, backend: str, geometry: ConvGeometry):
+    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, layer_qp: ActQParams,
+                 layer_relu: bool, other_qp: ActQParams, backend: str, geometry: ConvGeometry | None = None):
         super().__init__(weight, bias, in_qp, None, False, backend, geometry)
-        self.conv_qp, self.conv_relu, self.other_qp = conv_qp, conv_relu, other_qp
+        self.layer_qp, self.layer_relu, self.other_qp = layer_qp, layer_relu, other_qp
 
     @classmethod
-    def from_conv(cls, conv: Int8Conv2d, other_qp: ActQParams) -> Int8Conv2dAdd:
-        weight = Int8Weight(conv.weight_int8, conv.weight_scale)
-        return cls(weight, conv.bias, conv.in_qp, conv.out_qp, conv.relu, other_qp, conv.backend_name, conv.geometry)
+    def from_layer(cls, layer: Int8WeightLayer, other_qp: ActQParams) -> Int8LayerAdd:
+        weight = Int8Weight(layer.weight_int8, layer.weight_scale)
+        return cls(weight, layer.bias, layer.in_qp, layer.out_qp, layer.relu, other_qp, layer.backend_name,
+                   layer.geometry)
 
     def forward(self, t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return self.backend.conv2d_add(t, self.in_qp, self.packed, self.conv_qp, other, self.other_qp, self.out_qp,
-                                       self.relu, self.conv_relu)
+        return getattr(self.backend, f"{self.kind}_add")(t, self.in_qp, self.packed, self.layer_qp, other,
+                                                         self.other_qp, self.out_qp, self.relu, self.layer_relu)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, + add (conv relu={self.conv_relu})"
+        return f"{super().extra_repr()}, + add ({self.kind} relu={self.layer_relu})"
+
+
+class Int8Conv2dAdd(Int8LayerAdd):
+    kind = "conv2d"
+
+
+class Int8LinearAdd(Int8LayerAdd):
+    kind = "linear"
+
+
+FUSED_ADD = {Int8Conv2d: Int8Conv2dAdd, Int8Linear: Int8LinearAdd}  # layer type -> the layer with its add fused
 
 
 class Int8ConvTranspose2d(Int8WeightLayer):

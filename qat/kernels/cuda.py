@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat.kernels.reference import (ReferenceBackend, attention_unfused, conv2d_then_add, make_packed,
+from qat.kernels.reference import (ReferenceBackend, attention_unfused, layer_then_add, make_packed,
                                    requantize_table)
 from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed, as_pair
 
@@ -180,7 +180,7 @@ class CudaBackend:
     """int8 on NVIDIA GPUs through Triton GEMM kernels with fused requantization (see the module docstring)."""
 
     name = "cuda"
-    fuses_conv_add = True
+    fuses_layer_add = True
     fuses_attention = True
     int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
@@ -281,11 +281,26 @@ class CudaBackend:
         """``add(conv2d(x) on conv_qp, other)`` on out_qp, the add in the conv's epilogue (groups=1, same shapes)."""
         self._require_device(x, other)
         if isinstance(packed.native, GroupedWeight) or other.shape != self._conv_output_shape(x, packed):
-            return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+            return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
         rows = _nhwc_rows(other)
         rows = _nhwc_rows(other.contiguous(memory_format=torch.channels_last)) if rows is None else rows
         residual = self._triton.Residual(rows, other_qp, conv_qp, conv_relu)  # rows: [B*Ho*Wo, N]
         return self._conv(x, x_qp, packed, out_qp, relu, residual)
+
+    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
+        """``add(linear(x) on linear_qp, other)`` on out_qp, the add in the GEMM's epilogue (same shapes)."""
+        self._require_device(x, other)
+        n = packed.weight.out_channels
+        if other.shape != (*x.shape[:-1], n):
+            return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu,
+                                  linear_relu)
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+        residual = self._triton.Residual(other.contiguous().view(-1, n), other_qp, linear_qp, linear_relu)  # [M, N]
+        gw = packed.native
+        out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu, residual)
+        return out.view(*x.shape[:-1], n)
 
     @staticmethod
     def _conv_output_shape(x: Tensor, packed: Packed) -> tuple[int, ...]:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.reference import (ReferenceBackend, attention_unfused, conv2d_then_add, dequantize_activation,
-                                   finish, lookup_codes, make_packed)
+from qat.kernels.reference import (ReferenceBackend, attention_unfused, dequantize_activation, finish,
+                                   layer_then_add, lookup_codes, make_packed)
 from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -120,7 +120,7 @@ class FbgemmBackend:
     """torch quantized CPU kernels; backend tensors are quint8 tensors (see the module docstring)."""
 
     name = "fbgemm"
-    fuses_conv_add = False
+    fuses_layer_add = False
     fuses_attention = False
     int8_activations = False  # quint8 is its native type: int8 activations cost a pass each way
 
@@ -211,7 +211,11 @@ class FbgemmBackend:
 
     def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
-        return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+        return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+
+    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
+        return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv_transpose2d(weight, bias, geometry)

@@ -101,11 +101,12 @@ def make_packed(weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry 
     return Packed(weight=weight, bias=bias, geometry=geometry, native=native)
 
 
-def conv2d_then_add(backend, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
-                    other_qp: ActQParams, out_qp: ActQParams, relu: bool, conv_relu: bool) -> Tensor:
-    """The unfused graph that ``conv2d_add`` stands for: conv requantized to conv_qp, then add requantized to out_qp."""
-    y = backend.conv2d(x, x_qp, packed, conv_qp, conv_relu)
-    return backend.add(y, conv_qp, other, other_qp, out_qp, relu)
+def layer_then_add(backend, kind: str, x: Tensor, x_qp: ActQParams, packed: Packed, layer_qp: ActQParams,
+                   other: Tensor, other_qp: ActQParams, out_qp: ActQParams, relu: bool, layer_relu: bool) -> Tensor:
+    """The unfused graph that ``conv2d_add`` / ``linear_add`` stand for (``kind``: "conv2d" or "linear"): the
+    layer requantized to layer_qp, then the add requantized to out_qp."""
+    y = getattr(backend, kind)(x, x_qp, packed, layer_qp, layer_relu)
+    return backend.add(y, layer_qp, other, other_qp, out_qp, relu)
 
 
 def attention_unfused(backend, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
@@ -132,7 +133,7 @@ class ReferenceBackend:
     """Ground-truth backend: plain int tensors in and out, float64-exact accumulation, any device."""
 
     name = "reference"
-    fuses_conv_add = False
+    fuses_layer_add = False
     fuses_attention = False
     int8_activations = False
 
@@ -186,7 +187,11 @@ class ReferenceBackend:
 
     def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
-        return conv2d_then_add(self, x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+        return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+
+    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
+        return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         _check_out_channels(weight, weight.q.shape[1] * geometry.groups)

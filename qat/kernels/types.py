@@ -223,8 +223,9 @@ class KernelBackend(Protocol):
     def conv_transpose2d(self, x: Tensor, x_qp: ActQParams, packed: Packed,
                          out_qp: ActQParams | None = None, relu: bool = False) -> Tensor: ...
 
-    fuses_conv_add: bool
-    """Class attribute: True when ``conv2d_add`` is one fused kernel (lowering then fuses residual adds)."""
+    fuses_layer_add: bool
+    """Class attribute: True when ``conv2d_add`` and ``linear_add`` are each one fused kernel (lowering then fuses
+    residual adds into the conv or Linear before them)."""
 
     int8_activations: bool
     """Class attribute: True when the backend's kernels are faster on int8 than on uint8 activations (lowering
@@ -233,7 +234,13 @@ class KernelBackend(Protocol):
     def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
         """``add(conv2d(x, x_qp, packed, conv_qp, conv_relu), conv_qp, other, other_qp, out_qp, relu)``: what
-        the unfused graph computes (``reference.conv2d_then_add``), fused where ``fuses_conv_add``."""
+        the unfused graph computes (``reference.layer_then_add``), fused where ``fuses_layer_add``."""
+        ...
+
+    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
+        """``add(linear(x, x_qp, packed, linear_qp, linear_relu), linear_qp, other, other_qp, out_qp, relu)``,
+        likewise."""
         ...
 
     def add(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,

@@ -8,7 +8,14 @@ from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare
 from qat.int8 import ConversionError, compare, convert, layer_agreement
 from qat.int8.lower import lower
-from qat.int8.modules import Int8Attention, Int8Binary, Int8Conv2dAdd, Int8Softmax
+from qat.int8.modules import (
+    Int8Attention,
+    Int8Binary,
+    Int8Conv2dAdd,
+    Int8LayerAdd,
+    Int8LinearAdd,
+    Int8Softmax,
+)
 from qat.kernels import BACKENDS as KERNEL_BACKENDS
 from qat.kernels import get_backend
 from qat.models.cifar_resnet import load_cifar_resnet
@@ -82,7 +89,7 @@ def _reference_values(int8, x):
 def _assert_backend_matches_reference(prepared, x, backend, device):
     # the same graph (fused conv + add where the backend fuses them) computed by the reference kernels
     kernels = KERNEL_BACKENDS[backend]
-    reference = lower(prepared, "reference", fuse_conv_add=kernels.fuses_conv_add,
+    reference = lower(prepared, "reference", fuse_layer_add=kernels.fuses_layer_add,
                       fuse_attention=kernels.fuses_attention,
                       int8_activations=kernels.int8_activations)
     ref_values = _reference_values(reference, x)
@@ -109,21 +116,28 @@ def test_backend_matches_reference_on_registry_models(name, backend):
     _assert_backend_matches_reference(prepared, batches[0][0], backend, "cuda" if backend == "cuda" else "cpu")
 
 
+# (model, fused type, how many, ReLU after the add): ResNet-18's basic blocks (conv2 + residual + ReLU); the
+# tiny transformer's two residual adds per block (after the attention's out_proj and after the MLP)
+LAYER_ADD_CASES = [("resnet18", Int8Conv2dAdd, 8, True), ("tiny_transformer", Int8LinearAdd, 4, False)]
+
+
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])
-def test_fused_conv_add_computes_the_unfused_graph(backend, tmp_path):
-    """Every basic block's conv2 + residual add (+ReLU) becomes one Int8Conv2dAdd; outputs stay bit-identical,
-    also after an artifact round trip."""
-    prepared, batches = _synthetic("resnet18")
+@pytest.mark.parametrize(("name", "fused_type", "count", "relu"), LAYER_ADD_CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_fused_layer_add_computes_the_unfused_graph(backend, name, fused_type, count, relu, tmp_path):
+    """Every residual add of a conv's or Linear's output (+ReLU) becomes one Int8Conv2dAdd / Int8LinearAdd;
+    outputs stay bit-identical, also after an artifact round trip."""
+    prepared, batches = _synthetic(name)
     x = batches[0][0]
-    fused, unfused = lower(prepared, backend, fuse_conv_add=True), lower(prepared, backend, fuse_conv_add=False)
-    fused_layers = [m for m in fused.modules() if isinstance(m, Int8Conv2dAdd)]
-    assert len(fused_layers) == 8 and all(m.relu and m.out_qp is not None for m in fused_layers)
-    assert not [m for m in fused.modules() if isinstance(m, Int8Binary)]
+    fused, unfused = lower(prepared, backend, fuse_layer_add=True), lower(prepared, backend, fuse_layer_add=False)
+    fused_layers = [m for m in fused.modules() if isinstance(m, Int8LayerAdd)]
+    assert len(fused_layers) == count and all(type(m) is fused_type for m in fused_layers)
+    assert all(m.relu == relu and m.out_qp is not None for m in fused_layers)
+    assert not [m for m in fused.modules() if isinstance(m, Int8Binary) and m.op == "add"]
     with torch.no_grad():
         assert torch.equal(fused(x), unfused(x))
         qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
         assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend)(x), unfused(x))
-    assert not any(isinstance(m, Int8Conv2dAdd) for m in convert(prepared, backend).modules())  # declined
+    assert not any(isinstance(m, Int8LayerAdd) for m in convert(prepared, backend).modules())  # declined
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])

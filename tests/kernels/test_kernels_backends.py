@@ -334,6 +334,35 @@ def test_conv2d_add_matches_unfused_graph(backend_name, case, relus):
         assert int(expected.min()) >= out_qp.zero_point
 
 
+# (input shape, out features, residual shape): tokens of a transformer block; a residual broadcast over the rows
+# (composed, not fused)
+LINEAR_ADD_CASES = [((2, 9, 40), 24, (2, 9, 24)), ((5, 16), 16, (5, 16)), ((3, 7, 12), 20, (20,))]
+
+
+@pytest.mark.parametrize("relus", [(False, False), (False, True), (True, True)], ids=["plain", "relu", "both"])
+@pytest.mark.parametrize("case", LINEAR_ADD_CASES, ids=str)
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_linear_add_matches_unfused_graph(backend_name, case, relus):
+    """linear_add == linear requantized to linear_qp, then add requantized to out_qp (the reference's composition)."""
+    x_shape, k, other_shape = case
+    linear_relu, relu = relus
+    on = OnBackend(backend_name)
+    x_qp = activation_qparams(False, activation_qmax(backend_name))
+    x = random_activation(x_shape, x_qp)
+    weight, bias = random_weight((k, x_shape[-1])), torch.randn(k)
+    packed_ref = REF.pack_linear(weight, bias)
+    linear_qp = fitted_qparams(REF.linear(x, x_qp, packed_ref))
+    other_qp = activation_qparams(False, activation_qmax(backend_name), scale=0.03)
+    other = random_activation(other_shape, other_qp)
+    out_qp = fitted_qparams(REF.dequantize(REF.linear(x, x_qp, packed_ref, linear_qp), linear_qp) * 2, signed=False)
+    expected = REF.linear_add(x, x_qp, packed_ref, linear_qp, other, other_qp, out_qp, relu, linear_relu)
+    got = on.backend.linear_add(on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, bias), linear_qp,
+                                on.act(other, other_qp), other_qp, out_qp, relu, linear_relu)
+    assert_quantized_agree(on.back(got, out_qp), expected)
+    if relu:
+        assert int(expected.min()) >= out_qp.zero_point
+
+
 # (MaxPool2d arguments, channels_last input)
 MAX_POOL_CASES = [(dict(kernel_size=3, stride=2, padding=1), True), (dict(kernel_size=2), True),
                   (dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), ceil_mode=True), True),
