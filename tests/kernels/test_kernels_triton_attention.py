@@ -71,7 +71,9 @@ def _head_views(batch: int, heads: int, rows: int, d: int, qp: ActQParams) -> to
 
 
 @pytest.mark.parametrize("row_loop", [True, False], ids=["program_per_head", "program_per_row_block"])
-@pytest.mark.parametrize("shape", [(2, 3, 197, 64), (1, 2, 130, 32), (2, 1, 256, 128)], ids=str)
+# query rows: blocks of 64 with the last one partly padded (197, 130, 104, 10) or full (256)
+@pytest.mark.parametrize("shape", [(2, 3, 197, 64), (1, 2, 130, 32), (2, 1, 256, 128), (1, 2, 104, 64),
+                                   (2, 2, 10, 16)], ids=str)
 def test_attention_program_layouts_match_reference(monkeypatch, row_loop, shape):
     torch.manual_seed(0)
     batch, heads, rows, d = shape
