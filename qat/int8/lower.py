@@ -394,7 +394,7 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = 
     Int8Conv2dAdd / Int8LinearAdd (None: when the backend runs them as one kernel; every backend computes them,
     fused or not, bit for bit alike).
     fuse_attention: likewise for attention cores (Int8Attention; fused kernels agree with the unfused ones
-    within 1 LSB, the softmax's sums taken in another order).
+    within 1 LSB: the cuda kernel's softmax takes exp2 and one reciprocal per row).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()

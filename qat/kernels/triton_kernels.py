@@ -481,9 +481,9 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, 
 # Fused attention (ViT-B/16 at batch 256: 197 keys, head dim 64, on an H200, per layer): 64 query rows on 4 warps
 # (one warpgroup: Hopper's wgmma), a program looping over every row block of its head, 408 us; one program per row
 # block 568 us; 32 rows 546 us; 128 rows on 8 warps 451 us; the int8-dot kernel this replaced 547 us; bf16 flash
-# attention 166 us; the unfused kernels 852 us. The softmax from centred codes with exp2 and one reciprocal per row:
-# 460 -> 358 us on another H200 (one process); a last block of 16 rows for the 5 left over (197 = 3 * 64 + 5) made
-# it slower again (498 against 477 us for the exact arithmetic without it).
+# attention 166 us; the unfused kernels 852 us. The softmax from centred codes with exp2 and one reciprocal per row
+# instead of expf and a division per score: 545 -> 385 us (460 -> 358 on another H200; each pair in one process);
+# a last block of 16 rows for the 5 left over (197 = 3 * 64 + 5) made it slower (498 against 477 us).
 _ATTENTION_ROWS, _ATTENTION_WARPS = 64, 4
 MAX_ATTENTION_KEYS = 256  # keys of one query row held by one program; also the fp16 dots' exactness bound
 MAX_ATTENTION_HEAD = 128  # head dim
