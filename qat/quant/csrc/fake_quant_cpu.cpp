@@ -27,6 +27,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
 constexpr int64_t kChunk = 1 << 14;  // elements per partial sum (fixed, so sums are reproducible)
 constexpr int kLanes = 16;           // independent accumulators: a vector register's worth
+constexpr int kBlock = 64;           // terms per lane summed in float before the float64 total
 
 struct Grid {
   float scale, inv_scale, lo, hi;
@@ -192,7 +193,7 @@ struct LsqSums {
 // d/ds (x_hat - [inside] x: Esser et al.'s round(v) - v, or the bound, times s) and d/dz (-[outside]).
 // Where relu(x) = 0 the code is z, on the grid: x_hat = 0 and no term.
 template <bool kRelu>
-inline void lsq_element(float grad, float x, float& grad_x, const Grid& g, double& d_scale, double& d_zero) {
+inline void lsq_element(float grad, float x, float& grad_x, const Grid& g, float& d_scale, float& d_zero) {
   const float code = std::nearbyint(x * g.inv_scale);
   const float clamped = clamp_code(code, g.lo, g.hi);
   const bool on_grid = code == clamped;
@@ -200,18 +201,30 @@ inline void lsq_element(float grad, float x, float& grad_x, const Grid& g, doubl
   const float inside = static_cast<float>(on_grid & !relu_zero);
   const float outside = static_cast<float>(!on_grid & !relu_zero);
   grad_x = grad * inside;
-  d_scale += static_cast<double>(grad) * (static_cast<double>(clamped * g.scale) - static_cast<double>(x) * inside);
-  d_zero -= static_cast<double>(grad) * outside;
+  d_scale += grad * (clamped * g.scale - x * inside);
+  d_zero -= grad * outside;
 }
 
+// Each lane sums a block's terms in float (kBlock of them: a few ulp), then adds the block's sum to a float64
+// total: half the arithmetic of float64 throughout, and a fixed order.
 template <bool kRelu>
 LsqSums lsq_backward_chunk(const float* grad, const float* x, float* grad_x, int64_t n, const Grid& g) {
   double d_scale[kLanes] = {}, d_zero[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) lsq_element<kRelu>(grad[i + j], x[i + j], grad_x[i + j], g, d_scale[j], d_zero[j]);
+  for (int64_t start = 0; start < n; start += kLanes * kBlock) {
+    const int64_t stop = std::min(n, start + kLanes * kBlock);
+    float block_scale[kLanes] = {}, block_zero[kLanes] = {};
+    int64_t i = start;
+    for (; i + kLanes <= stop; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        lsq_element<kRelu>(grad[i + j], x[i + j], grad_x[i + j], g, block_scale[j], block_zero[j]);
+      }
+    }
+    for (int j = 0; i < stop; ++i, ++j) lsq_element<kRelu>(grad[i], x[i], grad_x[i], g, block_scale[j], block_zero[j]);
+    for (int j = 0; j < kLanes; ++j) {
+      d_scale[j] += block_scale[j];
+      d_zero[j] += block_zero[j];
+    }
   }
-  for (int j = 0; i < n; ++i, ++j) lsq_element<kRelu>(grad[i], x[i], grad_x[i], g, d_scale[j], d_zero[j]);
   LsqSums sums;
   for (int j = 0; j < kLanes; ++j) {
     sums.scale += d_scale[j];
