@@ -45,12 +45,12 @@ void check_dense_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_non_overlapping_and_dense(), name, " must be dense (contiguous or channels_last)");
 }
 
-// Outputs of 32 MiB and more (a stem activation at batch 16) would be fresh memory from the OS on every
-// call: malloc maps blocks that large directly and unmaps them when freed, and the first touch of fresh
+// Outputs of 1 MiB and more are often fresh memory from the OS: malloc maps blocks of 32 MiB and more directly
+// and unmaps them when freed, and gives the top of its heap back past a threshold; the first touch of fresh
 // pages costs more than a kernel's pass over them. Their blocks are kept instead, once freed, for the next
-// output of the same size (up to kMaxCachedBytes in all); a fresh block asks for huge pages where the OS
-// grants them on request (512 times fewer faults). Values are unaffected.
-constexpr size_t kCachedMinBytes = size_t{32} << 20;
+// output of the same size (up to kMaxCachedBytes in all, the sizes asked for last); a fresh block asks for
+// huge pages where the OS grants them on request (512 times fewer faults). Values are unaffected.
+constexpr size_t kCachedMinBytes = size_t{1} << 20;
 constexpr size_t kMaxCachedBytes = size_t{1} << 30;
 
 class LargeBlocks {
@@ -75,15 +75,18 @@ class LargeBlocks {
   }
 
   void give_back(void* block, size_t nbytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (cached_bytes_ + nbytes <= kMaxCachedBytes) {
-        free_.emplace(nbytes, block);
-        cached_bytes_ += nbytes;
-        return;
-      }
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (cached_bytes_ + nbytes > kMaxCachedBytes && !free_.empty()) {  // make room: sizes no longer asked for
+      cached_bytes_ -= free_.begin()->first;
+      std::free(free_.begin()->second);
+      free_.erase(free_.begin());
     }
-    std::free(block);
+    if (cached_bytes_ + nbytes > kMaxCachedBytes) {
+      std::free(block);
+      return;
+    }
+    free_.emplace(nbytes, block);
+    cached_bytes_ += nbytes;
   }
 
  private:
