@@ -139,7 +139,10 @@ def reduced_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if g is Granularity.PER_CHANNEL:
         axis = _channel_axis(x, spec)
         channels_first = x.permute(storage_order(x, first=axis))  # a view when the channel dim is outermost
-        return torch.aminmax(channels_first.reshape(x.shape[axis], -1), dim=1)  # (C, rest)
+        rows = channels_first.reshape(x.shape[axis], -1)  # (C, rest)
+        if rows.is_cuda:
+            return torch.aminmax(rows, dim=1)
+        return rows.amin(dim=1), rows.amax(dim=1)  # CPU: 1.6 ms over ResNet-18's weights, aminmax(dim=1) 9.6
     if g is Granularity.PER_TOKEN:
         return torch.aminmax(x, dim=-1)
     return torch.aminmax(_group_view(x, spec), dim=-1)
