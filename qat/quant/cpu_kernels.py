@@ -5,6 +5,10 @@ targets, chosen from torch's own CPU detection, so a cached build never runs on 
 instructions. If it fails (no compiler, say), one warning is issued and `extension()` returns None: callers
 keep the pure-torch path, which computes the same values. ``QAT_CPU_KERNELS=0`` turns the kernels off.
 
+Outputs of 1 MiB and more come from the extension's own block cache: a freed output's memory is kept (at
+most 1 GiB, the sizes asked for last) for the next output of its size, since fresh pages from the OS cost
+more to touch than a pass over them.
+
 Which tensors the kernels serve, and how their results map onto the torch path, is `qat.quant.affine`'s
 business (`cpu_kernels_apply`); this module only builds and loads them.
 """

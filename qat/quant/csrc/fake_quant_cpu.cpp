@@ -66,10 +66,11 @@ class LargeBlocks {
         return block;
       }
     }
-    void* block = std::aligned_alloc(kHugePage, (nbytes + kHugePage - 1) / kHugePage * kHugePage);
+    const size_t alignment = nbytes >= kHugePage ? kHugePage : kCacheLine;
+    void* block = std::aligned_alloc(alignment, (nbytes + alignment - 1) / alignment * alignment);
     TORCH_CHECK(block != nullptr, "out of memory allocating ", nbytes, " bytes");
 #ifdef __linux__
-    madvise(block, nbytes, MADV_HUGEPAGE);
+    if (alignment == kHugePage) madvise(block, nbytes, MADV_HUGEPAGE);
 #endif
     return block;
   }
@@ -91,6 +92,7 @@ class LargeBlocks {
 
  private:
   static constexpr size_t kHugePage = size_t{2} << 20;
+  static constexpr size_t kCacheLine = 64;
   std::mutex mutex_;
   std::unordered_multimap<size_t, void*> free_;
   size_t cached_bytes_ = 0;
