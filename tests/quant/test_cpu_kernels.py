@@ -239,3 +239,37 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch):
     assert cpu_kernels.extension() is None
     assert not affine.cpu_kernels_apply(x, QuantSpec())
     assert affine._kernel_rows(x, torch.tensor(0.1)) is None
+
+
+def _small_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10),
+    )
+
+
+@pytest.mark.parametrize("preset, observers_on", [("w8a8", True), ("w4a4_lsq", False)])
+def test_qat_steps_match_the_torch_path(preset, observers_on):
+    """A few SGD steps of a prepared Conv-BN-ReLU net: W8A8 identical to the torch path, LSQ's learned ranges
+    within float32 rounding of its scale gradients."""
+    import qat
+
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    params = []
+    for enabled in (True, False):
+        model = qat.prepare(_small_net(), qat.QuantConfig.preset(preset), example_inputs=(x[:2],))
+        qat.calibrate(model, [x], freeze=not observers_on)
+        optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-2, momentum=0.9)
+        with fused_kernels(enabled):
+            for _ in range(3):
+                torch.nn.functional.cross_entropy(model(x), target).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        params.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    if preset == "w8a8":
+        assert torch.equal(params[0], params[1])
+    else:
+        torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-4)
