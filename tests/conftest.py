@@ -54,7 +54,7 @@ def triton_on_cpu(monkeypatch, fused_module):
 
     if not torch.cuda.is_available():
         def applies(x, spec):
-            return affine._use_triton and spec.granularity.value in ("per_tensor", "per_channel")
+            return affine._use_kernels and spec.granularity.value in ("per_tensor", "per_channel")
 
         monkeypatch.setattr(affine, "triton_applies", applies)
         monkeypatch.setattr(learnable, "triton_applies", applies)

@@ -21,22 +21,24 @@ from collections.abc import Iterator
 
 import torch
 
+from qat.quant import cpu_kernels
 from qat.quant.spec import Granularity, QuantSpec
 
 SCALE_EPS = torch.finfo(torch.float32).eps
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_use_triton = True  # switched by `fused_kernels`, e.g. to compare against the reference path
+_use_kernels = True  # switched by `fused_kernels`, e.g. to compare against the reference path
 
 
 @contextlib.contextmanager
 def fused_kernels(enabled: bool) -> Iterator[None]:
-    """Within the block, CUDA fake-quant uses the fused Triton kernels (True) or the pure-torch path (False)."""
-    global _use_triton
-    previous, _use_triton = _use_triton, bool(enabled)
+    """Within the block, fake-quant uses the fused kernels (True: Triton on CUDA, C++ on the CPU) or the
+    pure-torch path (False)."""
+    global _use_kernels
+    previous, _use_kernels = _use_kernels, bool(enabled)
     try:
         yield
     finally:
-        _use_triton = previous
+        _use_kernels = previous
 
 
 def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
@@ -44,7 +46,7 @@ def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
     (which fuses the pure-torch formula itself)."""
     return (
         x.is_cuda
-        and _use_triton
+        and _use_kernels
         and spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
         and x.dtype in FUSED_DTYPES
         and not torch.compiler.is_compiling()
@@ -58,6 +60,43 @@ def is_dense(x: torch.Tensor) -> bool:
         return True
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     return x.dim() in formats and x.is_contiguous(memory_format=formats[x.dim()])
+
+
+def _cpu_kernels_take(x: torch.Tensor) -> bool:
+    """The C++ CPU kernels (:mod:`qat.quant.cpu_kernels`) take dense float32 CPU tensors in eager mode,
+    while `fused_kernels` allows them and they are built."""
+    return (
+        _use_kernels
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() > 0
+        and is_dense(x)
+        and not torch.compiler.is_compiling()
+        and cpu_kernels.extension() is not None
+    )
+
+
+def _outermost(x: torch.Tensor, axis: int) -> bool:
+    """Each index of `axis` is one contiguous run of x's storage (x dense): the rows the C++ kernels read."""
+    return x.shape[axis] == 1 or x.stride(axis) * x.shape[axis] == x.numel()
+
+
+def cpu_kernels_apply(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """The C++ CPU kernels serve `x` under `spec`: per-tensor, or per-channel over x's outermost storage dim
+    (a weight's output channels)."""
+    if spec.granularity is Granularity.PER_CHANNEL:
+        return _outermost(x, _channel_axis(x, spec)) and _cpu_kernels_take(x)
+    return spec.granularity is Granularity.PER_TENSOR and _cpu_kernels_take(x)
+
+
+def _kernel_rows(x: torch.Tensor, scale: torch.Tensor) -> int | None:
+    """The rows (grids) the C++ kernels read x as for a broadcast `scale`, or None where they do not apply."""
+    if scale.numel() == 1:
+        return 1 if _cpu_kernels_take(x) else None
+    axes = [d for d, n in enumerate(scale.shape) if n != 1]
+    if scale.dim() != x.dim() or len(axes) != 1 or not _outermost(x, axes[0]) or not _cpu_kernels_take(x):
+        return None
+    return scale.numel()
 
 
 def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -100,7 +139,10 @@ def reduced_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if g is Granularity.PER_CHANNEL:
         axis = _channel_axis(x, spec)
         channels_first = x.permute(storage_order(x, first=axis))  # a view when the channel dim is outermost
-        return torch.aminmax(channels_first.reshape(x.shape[axis], -1), dim=1)  # (C, rest)
+        rows = channels_first.reshape(x.shape[axis], -1)  # (C, rest)
+        if rows.is_cuda:
+            return torch.aminmax(rows, dim=1)
+        return rows.amin(dim=1), rows.amax(dim=1)  # CPU: 1.6 ms over ResNet-18's weights, aminmax(dim=1) 9.6
     if g is Granularity.PER_TOKEN:
         return torch.aminmax(x, dim=-1)
     return torch.aminmax(_group_view(x, spec), dim=-1)
@@ -201,7 +243,14 @@ def fake_quantize_with_mask(
     ...                                       torch.tensor(0, dtype=torch.int32), -8, 7, relu=True)
     >>> out.tolist(), inside.tolist()
     ([0.0, 0.5, 3.5], [False, True, False])
+
+    Where the C++ kernels apply (per-tensor, or per-channel over x's outermost storage dim) one pass
+    computes the same values and mask.
     """
+    if _kernel_rows(x, scale) is not None:
+        out, inside = cpu_kernels.extension().fake_quantize(x, scale.reshape(-1), (1.0 / scale).reshape(-1),
+                                                            zero_point.reshape(-1), qmin, qmax, relu, True)
+        return out, inside
     if zero_point.dim() == 0:  # per-tensor: bounds as Python numbers (a CPU read, no device sync)
         z = int(zero_point)
         lo, hi = qmin - z, qmax - z
@@ -220,7 +269,10 @@ def fake_quantize_with_mask(
 
 def masked_gradient(grad: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """grad where `inside` (bool), else 0, as grad * mask: on the CPU a branch-free vectorised pass, several
-    times faster than torch.where on masks such as ReLU's (half true, in no pattern)."""
+    times faster than torch.where on masks such as ReLU's (half true, in no pattern). One C++ pass where
+    the kernels apply and grad is laid out as the mask."""
+    if grad.shape == inside.shape and grad.stride() == inside.stride() and _cpu_kernels_take(grad):
+        return cpu_kernels.extension().masked_gradient(grad, inside)
     return grad * inside.view(torch.uint8)
 
 

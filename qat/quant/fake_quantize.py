@@ -22,7 +22,7 @@ import torch
 
 from qat.quant import affine
 from qat.quant.affine import dynamic_fake_quantize, fake_quantize
-from qat.quant.learnable import lsq_fake_quantize, pact_fake_quantize, pact_scale
+from qat.quant.learnable import lsq_fake_quantize, lsq_folds_relu, pact_fake_quantize, pact_scale
 from qat.quant.observers import Observer
 from qat.quant.spec import QuantSpec
 from qat.quant.state import ShapeFromStateDict, assign_
@@ -156,7 +156,7 @@ class LearnableFakeQuantize(QuantizerBase):
             self.zero_point = torch.nn.Parameter(zero) if method == "lsq_plus" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, relu = self._take_relu(x, kernels_fold=self.method != "pact" and affine.triton_applies(x, self.spec))
+        x, relu = self._take_relu(x, kernels_fold=self.method != "pact" and lsq_folds_relu(x, self.spec))
         if self.observer_enabled or not self.initialized:
             self.observer(x, relu)
             self._stale = True

@@ -26,10 +26,12 @@ import math
 
 import torch
 
+from qat.quant import cpu_kernels
 from qat.quant.affine import (
     SCALE_EPS,
     _as_grid,
     broadcastable,
+    cpu_kernels_apply,
     fake_quantize_with_mask,
     masked_gradient,
     storage_order,
@@ -112,6 +114,40 @@ class _LSQPerTensorCPU(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None, None
 
 
+class _LSQKernelCPU(torch.autograd.Function):
+    """LSQ/LSQ+ in the C++ CPU kernels (`cpu_kernels_apply`), the ReLU optionally folded in: the forward one
+    pass writing x_hat (codes as in _LSQ); the backward one pass writing grad_x and summing, per scale, the
+    scale and zero-point gradients' terms in float64 in a fixed order (so they do not depend on the thread
+    count; they agree with _LSQ's float32 sums to float32 rounding)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int, grad_scale: float, relu: bool):
+        z = torch.round(torch.clamp(zero_point, qmin, qmax)).to(torch.int32).reshape(-1)
+        flat_scale, inv_scale = scale.reshape(-1), (1.0 / scale).reshape(-1)
+        out, _ = cpu_kernels.extension().fake_quantize(x, flat_scale, inv_scale, z, qmin, qmax, relu, False)
+        ctx.save_for_backward(x, flat_scale, inv_scale, z)  # not `out`: the network may modify it in place
+        ctx.grad_scale, ctx.qrange, ctx.relu, ctx.param_shape = grad_scale, (qmin, qmax), relu, scale.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, inv_scale, z = ctx.saved_tensors
+        if grad.stride() != x.stride() or grad.dtype != x.dtype:
+            grad = torch.empty_like(x).copy_(grad)  # the kernel reads both in one layout
+        grad_x, d_scale, d_zero = cpu_kernels.extension().lsq_backward(grad, x, scale, inv_scale, z, *ctx.qrange,
+                                                                      ctx.relu)
+        g, scale64 = ctx.grad_scale, scale.double()
+        grad_scale = (d_scale * g / scale64).float().reshape(ctx.param_shape) if ctx.needs_input_grad[1] else None
+        grad_zero = (d_zero * g * scale64).float().reshape(ctx.param_shape) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_zero, None, None, None, None
+
+
+def lsq_folds_relu(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """`lsq_fake_quantize(x, ..., relu=True)` applies the ReLU inside its kernels (Triton or C++), rather than
+    as a torch.relu before them."""
+    return triton_applies(x, spec) or cpu_kernels_apply(x, spec)
+
+
 def lsq_fake_quantize(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -122,14 +158,18 @@ def lsq_fake_quantize(
 ) -> torch.Tensor:
     """LSQ fake-quant with a learnable `scale` (reduced shape) and optional learnable float `zero_point`.
 
-    On CUDA (per-tensor / per-channel) the fused Triton kernels compute the same values and gradients.
-    `relu`: fake-quantize relu(x) (folded into the Triton kernels).
+    On CUDA (per-tensor / per-channel) the fused Triton kernels compute the same values and gradients, on
+    the CPU the C++ kernels where `cpu_kernels_apply`. `relu`: fake-quantize relu(x) (folded into both).
     """
     g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
     if triton_applies(x, spec):
         from qat.quant import triton_fake_quant
 
         return triton_fake_quant.lsq_fake_quantize(x, scale, zero_point, spec, g, relu)
+    if cpu_kernels_apply(x, spec):
+        s = broadcastable(torch.clamp(scale.float(), min=SCALE_EPS), x, spec)
+        z = torch.full_like(s, float(spec.fixed_zero_point)) if zero_point is None else zero_point.float()
+        return _LSQKernelCPU.apply(x, s, broadcastable(z, x, spec), spec.qmin, spec.qmax, g, relu)
     if relu:
         x = torch.relu(x)
     xg = _as_grid(x.float(), spec)
