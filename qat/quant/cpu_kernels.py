@@ -6,8 +6,8 @@ instructions. If it fails (no compiler, say), one warning is issued and `extensi
 keep the pure-torch path, which computes the same values. ``QAT_CPU_KERNELS=0`` turns the kernels off.
 
 Outputs of 1 MiB and more come from the extension's own block cache: a freed output's memory is kept (at
-most 1 GiB, the sizes asked for last) for the next output of its size, since fresh pages from the OS cost
-more to touch than a pass over them.
+most 1 GiB) for the next output of its size, since fresh pages from the OS cost more to touch than a pass
+over them. `release_cached_blocks()` gives it back (after training, say).
 
 Which tensors the kernels serve, and how their results map onto the torch path, is `qat.quant.affine`'s
 business (`cpu_kernels_apply`); this module only builds and loads them.
@@ -57,3 +57,14 @@ def _build() -> ModuleType | None:
                       f"using the pure-torch path (same values, slower). Set {ENV_SWITCH}=0 to skip the build.",
                       RuntimeWarning, stacklevel=2)
         return None
+
+
+def release_cached_blocks() -> int:
+    """Free the memory the kernels keep for their next outputs; the bytes freed (0 if they were never loaded).
+
+    >>> release_cached_blocks() >= 0
+    True
+    """
+    if _build.cache_info().currsize == 0 or _build() is None:
+        return 0
+    return _build().release_cached_blocks()

@@ -273,3 +273,18 @@ def test_qat_steps_match_the_torch_path(preset, observers_on):
         assert torch.equal(params[0], params[1])
     else:
         torch.testing.assert_close(params[0], params[1], rtol=1e-4, atol=1e-4)
+
+
+def test_release_cached_blocks_frees_kept_outputs_only():
+    """A freed output of 1 MiB and more is kept for the next one; releasing frees it, not live outputs."""
+    spec = QuantSpec(bits=8, signed=True)
+    x = torch.randn(1 << 19)  # 2 MiB of float32
+    scale, zero = torch.tensor(0.05), torch.tensor(0, dtype=torch.int32)
+    cpu_kernels.release_cached_blocks()
+    kept = fake_quantize(x, scale, zero, spec)
+    expected = kept.clone()
+    out = fake_quantize(x, scale, zero, spec)
+    del out
+    assert cpu_kernels.release_cached_blocks() >= x.numel() * 4  # the freed output (and its mask's block, if any)
+    assert cpu_kernels.release_cached_blocks() == 0
+    assert torch.equal(kept, expected)  # a live output is untouched

@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
@@ -48,8 +49,9 @@ void check_dense_float(const at::Tensor& t, const char* name) {
 // Outputs of 1 MiB and more are often fresh memory from the OS: malloc maps blocks of 32 MiB and more directly
 // and unmaps them when freed, and gives the top of its heap back past a threshold; the first touch of fresh
 // pages costs more than a kernel's pass over them. Their blocks are kept instead, once freed, for the next
-// output of the same size (up to kMaxCachedBytes in all, the sizes asked for last); a fresh block asks for
-// huge pages where the OS grants them on request (512 times fewer faults). Values are unaffected.
+// output of the same size (up to kMaxCachedBytes in all: past it, cached blocks are freed to make room);
+// release_cached_blocks() frees every cached block. A fresh block asks for huge pages where the OS grants
+// them on request (512 times fewer faults). Values are unaffected.
 constexpr size_t kCachedMinBytes = size_t{1} << 20;
 constexpr size_t kMaxCachedBytes = size_t{1} << 30;
 
@@ -77,7 +79,7 @@ class LargeBlocks {
 
   void give_back(void* block, size_t nbytes) {
     std::lock_guard<std::mutex> lock(mutex_);
-    while (cached_bytes_ + nbytes > kMaxCachedBytes && !free_.empty()) {  // make room: sizes no longer asked for
+    while (cached_bytes_ + nbytes > kMaxCachedBytes && !free_.empty()) {  // make room
       cached_bytes_ -= free_.begin()->first;
       std::free(free_.begin()->second);
       free_.erase(free_.begin());
@@ -88,6 +90,14 @@ class LargeBlocks {
     }
     free_.emplace(nbytes, block);
     cached_bytes_ += nbytes;
+  }
+
+  // Frees every cached block (outputs still alive are untouched); returns the bytes freed.
+  size_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& entry : free_) std::free(entry.second);
+    free_.clear();
+    return std::exchange(cached_bytes_, 0);
   }
 
  private:
@@ -277,4 +287,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quantize", &fake_quantize, "(x_hat, inside mask or undefined) of dense float32 x, per-row grids");
   m.def("masked_gradient", &masked_gradient, "grad * inside");
   m.def("lsq_backward", &lsq_backward, "(grad_x, per-row float64 d_scale and d_zero sums)");
+  m.def("release_cached_blocks", [] { return static_cast<int64_t>(large_blocks().release()); },
+        "free the cached output blocks; the bytes freed");
 }
