@@ -139,13 +139,19 @@ def reduced_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, tor
     if g is Granularity.PER_CHANNEL:
         axis = _channel_axis(x, spec)
         channels_first = x.permute(storage_order(x, first=axis))  # a view when the channel dim is outermost
-        rows = channels_first.reshape(x.shape[axis], -1)  # (C, rest)
-        if rows.is_cuda:
-            return torch.aminmax(rows, dim=1)
-        return rows.amin(dim=1), rows.amax(dim=1)  # CPU: 1.6 ms over ResNet-18's weights, aminmax(dim=1) 9.6
+        return _aminmax_last_dim(channels_first.reshape(x.shape[axis], -1))  # (C, rest)
     if g is Granularity.PER_TOKEN:
+        return _aminmax_last_dim(x)
+    return _aminmax_last_dim(_group_view(x, spec))
+
+
+def _aminmax_last_dim(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the last dim (NaN propagates). On the CPU as amin + amax, two vectorised passes
+    several times faster than torch.aminmax(dim=-1) there (2 threads: ResNet-18's weights per channel 1.6 against
+    9.6 ms; a 32x197x768 activation per token 0.8 against 3.7 ms)."""
+    if x.is_cuda:
         return torch.aminmax(x, dim=-1)
-    return torch.aminmax(_group_view(x, spec), dim=-1)
+    return x.amin(dim=-1), x.amax(dim=-1)
 
 
 def range_steps(spec: QuantSpec) -> float:

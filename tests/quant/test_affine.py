@@ -87,6 +87,21 @@ def test_granularity_shapes_and_values():
         reduced_minmax(torch.randn(3, 6), grp)
 
 
+@pytest.mark.parametrize("granularity", ["per_channel", "per_token", "per_group"])
+def test_reduced_ranges_equal_aminmax_with_special_values(granularity):
+    """The CPU's amin + amax reductions give torch.aminmax's ranges, NaN and infinities included."""
+    x = torch.randn(3, 5, 8)
+    x[0, 1, 2], x[1, 2, 3], x[2, 4, 7] = float("nan"), float("inf"), -float("inf")
+    options = {"per_channel": dict(axis=0), "per_token": {}, "per_group": dict(group_size=4)}[granularity]
+    spec = QuantSpec(signed=True, granularity=granularity, **options)
+    lo, hi = reduced_minmax(x, spec)
+    rows = {"per_channel": x.reshape(3, -1), "per_token": x, "per_group": x.reshape(3, 5, 2, 4)}[granularity]
+    expected_lo, expected_hi = torch.aminmax(rows, dim=-1)
+    assert torch.allclose(lo, expected_lo, equal_nan=True, rtol=0, atol=0)
+    assert torch.allclose(hi, expected_hi, equal_nan=True, rtol=0, atol=0)
+    assert lo.isnan().any() and hi.isinf().any()
+
+
 @pytest.mark.parametrize("granularity", ["per_token", "per_group"])
 def test_dynamic_granularities_quantize_each_row_on_its_own_grid(granularity):
     extra = dict(group_size=4) if granularity == "per_group" else {}
