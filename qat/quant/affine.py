@@ -89,14 +89,13 @@ def cpu_kernels_apply(x: torch.Tensor, spec: QuantSpec) -> bool:
     return spec.granularity is Granularity.PER_TENSOR and _cpu_kernels_take(x)
 
 
-def _kernel_rows(x: torch.Tensor, scale: torch.Tensor) -> int | None:
-    """The rows (grids) the C++ kernels read x as for a broadcast `scale`, or None where they do not apply."""
+def _cpu_kernels_serve(x: torch.Tensor, scale: torch.Tensor) -> bool:
+    """The C++ kernels can fake-quantize x with a broadcast `scale`: one scale, or one per index of x's outermost
+    storage dim (the rows they read)."""
     if scale.numel() == 1:
-        return 1 if _cpu_kernels_take(x) else None
+        return _cpu_kernels_take(x)
     axes = [d for d, n in enumerate(scale.shape) if n != 1]
-    if scale.dim() != x.dim() or len(axes) != 1 or not _outermost(x, axes[0]) or not _cpu_kernels_take(x):
-        return None
-    return scale.numel()
+    return scale.dim() == x.dim() and len(axes) == 1 and _outermost(x, axes[0]) and _cpu_kernels_take(x)
 
 
 def _group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -253,10 +252,9 @@ def fake_quantize_with_mask(
     Where the C++ kernels apply (per-tensor, or per-channel over x's outermost storage dim) one pass
     computes the same values and mask.
     """
-    if _kernel_rows(x, scale) is not None:
-        out, inside = cpu_kernels.extension().fake_quantize(x, scale.reshape(-1), (1.0 / scale).reshape(-1),
-                                                            zero_point.reshape(-1), qmin, qmax, relu, True)
-        return out, inside
+    if _cpu_kernels_serve(x, scale):
+        return tuple(cpu_kernels.extension().fake_quantize(x, scale.reshape(-1), (1.0 / scale).reshape(-1),
+                                                           zero_point.reshape(-1), qmin, qmax, relu, True))
     if zero_point.dim() == 0:  # per-tensor: bounds as Python numbers (a CPU read, no device sync)
         z = int(zero_point)
         lo, hi = qmin - z, qmax - z

@@ -70,7 +70,7 @@ def _assert_bit_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def _fake_quant_both_ways(x, scale, zero, spec, relu):
     """(kernels, torch) results of fake_quantize_with_mask at the broadcast shapes fake_quantize passes."""
     s, z = affine.broadcastable(scale, x, spec), affine.broadcastable(zero, x, spec)
-    assert affine._kernel_rows(x, s) is not None  # the kernels serve this case
+    assert affine._cpu_kernels_serve(x, s)  # the kernels serve this case
     with fused_kernels(False):
         expected = fake_quantize_with_mask(x, s, z, spec.qmin, spec.qmax, relu)
     return fake_quantize_with_mask(x, s, z, spec.qmin, spec.qmax, relu), expected
@@ -103,7 +103,7 @@ def test_per_channel_over_an_inner_dim_keeps_the_torch_path():
     x = torch.randn(4, 6, 5, 5)
     scale, zero = _qparams(spec, 6)
     assert not affine.cpu_kernels_apply(x, spec)
-    assert affine._kernel_rows(x, affine.broadcastable(scale, x, spec)) is None
+    assert not affine._cpu_kernels_serve(x, affine.broadcastable(scale, x, spec))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -238,7 +238,7 @@ def test_environment_switch_turns_the_kernels_off(monkeypatch):
     x = torch.randn(100)
     assert cpu_kernels.extension() is None
     assert not affine.cpu_kernels_apply(x, QuantSpec())
-    assert affine._kernel_rows(x, torch.tensor(0.1)) is None
+    assert not affine._cpu_kernels_serve(x, torch.tensor(0.1))
 
 
 def _small_net() -> torch.nn.Module:
