@@ -58,4 +58,5 @@ def triton_on_cpu(monkeypatch, fused_module):
 
         monkeypatch.setattr(affine, "triton_applies", applies)
         monkeypatch.setattr(learnable, "triton_applies", applies)
-        monkeypatch.setattr(observers, "triton_applies", applies)
+        monkeypatch.setattr(observers, "triton_eager_applies",
+                            lambda x, spec: applies(x, spec) and not torch.compiler.is_compiling())

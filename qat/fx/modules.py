@@ -138,7 +138,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 def _fused_weight_quant(quantizer: QuantizerBase, weight: torch.Tensor):
     """``qat.fx.triton_folded_weight``'s view of the weight quantizer when its fused kernels serve this step
     (eager CUDA, a supported quantizer state), else None."""
-    if not affine.triton_applies(weight, quantizer.spec) or weight.dim() < 2:
+    if not affine.triton_eager_applies(weight, quantizer.spec) or weight.dim() < 2:
         return None
     from qat.fx.triton_folded_weight import weight_quant
 

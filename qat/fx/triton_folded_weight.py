@@ -154,7 +154,7 @@ def weight_quant(quantizer: QuantizerBase, weight: Tensor) -> WeightQuant | None
     spec, channels = quantizer.spec, weight.shape[0]
     if not (weight.dtype == torch.float32 and affine.is_dense(weight)  # rows: output channels (any inner order)
             and quantizer.fake_quant_enabled and spec.granularity is Granularity.PER_CHANNEL and spec.axis == 0
-            and affine.triton_applies(weight, spec)):
+            and affine.triton_eager_applies(weight, spec)):
         return None
     if isinstance(quantizer, FakeQuantize):
         if quantizer.observer_enabled:

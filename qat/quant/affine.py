@@ -42,15 +42,20 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
 
 
 def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """The fused Triton kernels serve CUDA float tensors, per-tensor or per-channel, outside torch.compile
-    (which fuses the pure-torch formula itself)."""
+    """The fused Triton fake-quant kernels serve CUDA float tensors, per-tensor or per-channel (under
+    torch.compile as opaque operators: `qat.quant.triton_fake_quant`)."""
     return (
         x.is_cuda
         and _use_kernels
         and spec.granularity in (Granularity.PER_TENSOR, Granularity.PER_CHANNEL)
         and x.dtype in FUSED_DTYPES
-        and not torch.compiler.is_compiling()
     )
+
+
+def triton_eager_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """`triton_applies` outside torch.compile: the Triton kernels that are not compiler operators (observer
+    updates, the folded conv weight) serve eager steps; torch.compile fuses their pure-torch formulas itself."""
+    return triton_applies(x, spec) and not torch.compiler.is_compiling()
 
 
 def is_dense(x: torch.Tensor) -> bool:

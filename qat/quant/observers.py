@@ -14,7 +14,13 @@ from enum import Enum
 
 import torch
 
-from qat.quant.affine import is_dense, qparams_from_minmax, reduced_aminmax, reduced_minmax, triton_applies
+from qat.quant.affine import (
+    is_dense,
+    qparams_from_minmax,
+    reduced_aminmax,
+    reduced_minmax,
+    triton_eager_applies,
+)
 from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.state import ShapeFromStateDict, assign_
 
@@ -64,7 +70,7 @@ class Observer(ShapeFromStateDict):
         their shapes, one min/max reduction (per-tensor: a Triton pass) and one Triton kernel
         (:mod:`qat.quant.triton_observers`). Returns False, having done nothing, elsewhere: the caller
         observes and computes the qparams the plain way."""
-        if not x.numel() or not triton_applies(x, self.spec):
+        if not x.numel() or not triton_eager_applies(x, self.spec):
             return False
         reduced = () if self.spec.granularity is Granularity.PER_TENSOR else (x.shape[self.spec.axis],)
         rule = self.fused_update_rule(reduced, scale, zero_point)

@@ -182,7 +182,10 @@ def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
 
 def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
     """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
-    row_len = x.numel() // rows
+    return _launch_shape_of(x.numel() // rows, max_block)
+
+
+def _launch_shape_of(row_len: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
     block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
 
@@ -277,6 +280,106 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None
 
 
+# torch.compile sees the kernels as three opaque operators (inductor's own code for the formula was slower than
+# these kernels) with the autograd function's arithmetic: the forward (y and the mask bits, empty for LSQ), the
+# bits backward and the LSQ backward. Eager mode keeps `_FusedFakeQuantize`, whose dispatch costs less host time.
+@torch.library.custom_op(
+    "qat::fused_fake_quantize", mutates_args=(),
+    schema="(Tensor x, Tensor scale, Tensor? zero_point, int rows, int qmin, int qmax, bool learned, "
+           "float zero_value, float grad_scale, bool relu) -> (Tensor, Tensor)",
+)
+def _fake_quantize_op(x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu):
+    grid = _Grid(qmin, qmax, learned, zero_value, grad_scale, relu)
+    y, bits = _forward(x, scale, zero_point, rows, grid, save_bits=not learned)
+    return y, bits if bits is not None else x.new_empty(0, dtype=torch.uint8)
+
+
+@_fake_quantize_op.register_fake
+def _(x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu):
+    return torch.empty_like(x), x.new_empty(0 if learned else _bits_bytes(x.numel(), rows), dtype=torch.uint8)
+
+
+def _bits_bytes(numel, rows: int):
+    """Size of the forward's mask bits: BLOCK / 8 bytes per program. A size that torch.compile traces as a
+    symbol (a dynamic batch) becomes a new symbol."""
+    if not isinstance(numel, int):
+        return torch.library.get_ctx().new_dynamic_size()
+    _, block, n_blocks = _launch_shape_of(numel // rows)
+    return rows * n_blocks * block // 8
+
+
+def _setup_fake_quantize_op(ctx, inputs, output):
+    x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu = inputs
+    ctx.rows, ctx.grid = rows, _Grid(qmin, qmax, learned, zero_value, grad_scale, relu)
+    if learned:
+        ctx.save_for_backward(x, scale, zero_point)
+    else:
+        ctx.save_for_backward(output[1])
+        ctx.stride = x.stride()
+
+
+def _fake_quantize_op_backward(ctx, grad_y, _grad_bits):
+    grid, no_grads = ctx.grid, (None,) * 7
+    if not grid.learned:
+        (bits,) = ctx.saved_tensors
+        grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
+        return (grad_x, None, None) + no_grads
+    x, scale, zero_point = ctx.saved_tensors
+    scale_grad, zero_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_x, sums = torch.ops.qat.fused_lsq_backward(grad_y, x, scale, zero_point, ctx.rows, grid.qmin, grid.qmax,
+                                                    grid.zero_value, grid.grad_scale, grid.relu, scale_grad,
+                                                    zero_grad)
+    grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
+    grad_zero = sums[-1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
+    return (grad_x, grad_scale, grad_zero) + no_grads
+
+
+_fake_quantize_op.register_autograd(_fake_quantize_op_backward, setup_context=_setup_fake_quantize_op)
+
+
+@torch.library.custom_op(
+    "qat::fused_fake_quantize_bits_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor bits, int rows, SymInt[] stride) -> Tensor",
+)
+def _bits_backward_op(grad, bits, rows, stride):
+    return _bits_backward(grad, bits, _Layout(grad.shape, tuple(stride), grad.dtype, grad.device), rows)
+
+
+@_bits_backward_op.register_fake
+def _(grad, bits, rows, stride):
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
+
+
+@torch.library.custom_op(
+    "qat::fused_lsq_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor scale, Tensor? zero_point, int rows, int qmin, int qmax, "
+           "float zero_value, float grad_scale, bool relu, bool scale_grad, bool zero_grad) -> (Tensor, Tensor)",
+)
+def _lsq_backward_op(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu, scale_grad,
+                     zero_grad):
+    """(grad_x, the wanted gradient sums: (scale_grad + zero_grad, rows), the scale's first)."""
+    grid = _Grid(qmin, qmax, True, zero_value, grad_scale, relu)
+    grad_x, sums = _backward(grad, x, scale, zero_point, rows, grid, scale_grad, zero_grad)
+    if sums is None:
+        return grad_x, x.new_empty((0, rows), dtype=torch.float32)
+    if not scale_grad:  # the kernel leaves unwanted rows unset; a fresh tensor, as the fake result (no offset)
+        return grad_x, sums[1:].clone()
+    return grad_x, sums[:(2 if zero_grad else 1)]
+
+
+@_lsq_backward_op.register_fake
+def _(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu, scale_grad, zero_grad):
+    return torch.empty_like(x), x.new_empty((int(scale_grad) + int(zero_grad), rows), dtype=torch.float32)
+
+
+def _apply(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
+    """The fused fake-quant of rows of a dense x: the autograd function, or the operators under torch.compile."""
+    if not torch.compiler.is_compiling():
+        return _FusedFakeQuantize.apply(x, scale, zero_point, rows, grid)
+    return torch.ops.qat.fused_fake_quantize(x, scale, zero_point, rows, grid.qmin, grid.qmax, grid.learned,
+                                             grid.zero_value, grid.grad_scale, grid.relu)[0]
+
+
 def _dense(x: Tensor) -> Tensor:
     """x itself when its elements fill its storage without gaps in a layout we index flat, else a copy."""
     return x if is_dense(x) else x.contiguous()
@@ -291,19 +394,26 @@ def _fused(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec: QuantSpec,
         return x * 1  # keeps autograd and dtype; nothing to quantize
     x = _dense(x)
     if spec.granularity is Granularity.PER_TENSOR:
-        return _FusedFakeQuantize.apply(x, scale, zero_point, 1, grid)
+        return _apply(x, scale, zero_point, 1, grid)
     axis = _axis(x, spec)
     channels = x.shape[axis]
     if channels > 1 and x.stride(axis) * channels != x.numel():  # channel rows not contiguous in memory
-        moved = _FusedFakeQuantize.apply(x.movedim(axis, 0).contiguous(), scale, zero_point, channels, grid)
+        moved = _apply(x.movedim(axis, 0).contiguous(), scale, zero_point, channels, grid)
         return moved.movedim(0, axis)  # (C, ...) -> x's dim order
-    return _FusedFakeQuantize.apply(x, scale, zero_point, channels, grid)
+    return _apply(x, scale, zero_point, channels, grid)
 
 
-@functools.lru_cache(maxsize=None)
-def _grid(spec: QuantSpec, learned: bool, grad_scale: float, relu: bool) -> _Grid:
+def _new_grid(spec: QuantSpec, learned: bool, grad_scale: float, relu: bool) -> _Grid:
     zero_value = float(spec.fixed_zero_point) if learned else 0.0
     return _Grid(spec.qmin, spec.qmax, learned=learned, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
+
+
+_cached_grid = functools.lru_cache(maxsize=None)(_new_grid)
+
+
+def _grid(spec: QuantSpec, learned: bool, grad_scale: float, relu: bool) -> _Grid:
+    """Cached in eager mode (host time per call); torch.compile traces the construction instead."""
+    return (_new_grid if torch.compiler.is_compiling() else _cached_grid)(spec, learned, grad_scale, relu)
 
 
 def _as_rows(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -196,3 +196,120 @@ def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
     assert int((x < 0).sum()) > 0 and bool((gx[zeros] == 0).all()) and bool((gx[x > 0] != 0).any())
     if learned:
         assert torch.equal(gs, gs_ref) and torch.equal(gz, gz_ref)  # the same partial sums in the same order
+
+
+def _op_samples() -> dict[str, tuple]:
+    """Arguments for each torch.compile operator of the fused kernels (fixed qparams with a folded ReLU,
+    LSQ+ per channel, and their backwards)."""
+    x = torch.randn(4, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    scale, zero = torch.tensor([0.05], device=DEVICE), torch.tensor([10], device=DEVICE, dtype=torch.int32)
+    y, bits = torch.ops.qat.fused_fake_quantize(x, scale, zero, 1, 0, 255, False, 0.0, 0.0, True)
+    channel_scale = torch.full((4,), 0.3, device=DEVICE)
+    channel_zero = torch.full((4,), 1.4, device=DEVICE)
+    return {
+        "fixed_relu": (torch.ops.qat.fused_fake_quantize,
+                       (_leaf(x), scale, zero, 1, 0, 255, False, 0.0, 0.0, True)),
+        "lsq_plus_per_channel": (torch.ops.qat.fused_fake_quantize,
+                                 (_leaf(x), _leaf(channel_scale), _leaf(channel_zero), 4, -8, 7, True, 0.0, 0.1, False)),
+        "bits_backward": (torch.ops.qat.fused_fake_quantize_bits_backward,
+                          (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, list(x.stride()))),
+        "lsq_backward_zero_only": (torch.ops.qat.fused_lsq_backward,
+                                   (torch.randn_like(x), x, channel_scale, channel_zero, 4, -8, 7, 0.0, 0.1, False,
+                                    False, True)),
+    }
+
+
+@pytest.mark.parametrize("case", ["fixed_relu", "lsq_plus_per_channel", "bits_backward", "lsq_backward_zero_only"])
+def test_compiler_operators_pass_opcheck(fused_module, case):
+    """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
+    with dynamic shapes give the eager results."""
+    op, args = _op_samples()[case]
+    results = torch.library.opcheck(op, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+def _recording_backend(graphs: list):
+    """AOT autograd keeping the forward and backward graphs it compiles (run as they are, like aot_eager)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def _qat_ops(graph: torch.fx.GraphModule) -> list[str]:
+    return [str(node.target) for node in graph.graph.nodes if str(node.target).startswith("qat.")]
+
+
+@pytest.mark.parametrize("name", list(AFFINE_SPECS) + list(LSQ_SPECS))
+def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name):
+    """Under torch.compile (fullgraph: no graph break) the forward and backward graphs call the fused kernels'
+    operators, with the eager results: values and x gradients equal, qparam gradients as exact as eager's."""
+    learned = name in LSQ_SPECS
+    spec, learned_zero = LSQ_SPECS[name] if learned else (AFFINE_SPECS[name], False)
+    shape = (4, 3, 5, 5)
+    channels = shape[spec.axis] if spec.is_per_channel else 1
+    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ()).to(DEVICE)
+    x = _input(shape, scale.cpu(), spec, torch.float32)
+    if learned:
+        zero = torch.full(scale.shape, 1.6, device=DEVICE) if learned_zero else None
+
+        def function(x, scale, zero):
+            return fused_module.lsq_fake_quantize(x, scale, zero, spec, 0.2, relu=True)
+    else:
+        zero = torch.randint(0, 5, scale.shape, dtype=torch.int32, device=DEVICE) if not spec.symmetric else \
+            torch.zeros(scale.shape, dtype=torch.int32, device=DEVICE)
+
+        def function(x, scale, zero):
+            return fused_module.fake_quantize(x, scale, zero, spec)
+    graphs = []
+    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
+    results = []
+    for run in (function, compiled):
+        args = (_leaf(x), _leaf(scale, learned), None if zero is None else _leaf(zero, learned_zero))
+        y = run(*args)
+        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
+        results.append([y] + [a.grad for a in args if a is not None and a.requires_grad])
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+    forward, backward = graphs
+    assert _qat_ops(forward) == ["qat.fused_fake_quantize.default"]
+    assert _qat_ops(backward) == ["qat.fused_lsq_backward.default" if learned
+                                  else "qat.fused_fake_quantize_bits_backward.default"]
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
+def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
+    """A prepared Conv-BN-ReLU net compiled whole (fullgraph; inductor on CUDA, AOT autograd without code
+    generation on the CPU) trains as it does eagerly: the same losses over a few SGD steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+    x, target = torch.randn(8, 3, 8, 8, device=DEVICE), torch.randint(0, 4, (8,), device=DEVICE)
+    prepared = qat.prepare(model.to(DEVICE), qat.QuantConfig.preset(preset), example_inputs=(x,))
+    qat.calibrate(prepared, [x], freeze=preset != "w8a8")
+    graphs = []
+    losses = {}
+    for compiled in (False, True):
+        net = copy.deepcopy(prepared).train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        backend = "inductor" if ON_CUDA else _recording_backend(graphs)
+        run = torch.compile(net, backend=backend, fullgraph=True) if compiled else net
+        losses[compiled] = []
+        for _ in range(4):
+            loss = nn.functional.cross_entropy(run(x), target)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[compiled].append(loss.item())
+    assert losses[False][-1] < losses[False][0]  # it trains
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
+    if not ON_CUDA:
+        forward_ops = _qat_ops(graphs[0])
+        assert forward_ops.count("qat.fused_fake_quantize.default") >= 3  # input and the two activations
