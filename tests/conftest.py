@@ -56,7 +56,9 @@ def triton_on_cpu(monkeypatch, fused_module):
         def applies(x, spec):
             return affine._use_kernels and spec.granularity.value in ("per_tensor", "per_channel")
 
+        def eager_applies(x, spec):
+            return applies(x, spec) and not torch.compiler.is_compiling()
+
         monkeypatch.setattr(affine, "triton_applies", applies)
-        monkeypatch.setattr(learnable, "triton_applies", applies)
-        monkeypatch.setattr(observers, "triton_eager_applies",
-                            lambda x, spec: applies(x, spec) and not torch.compiler.is_compiling())
+        monkeypatch.setattr(learnable, "triton_eager_applies", eager_applies)
+        monkeypatch.setattr(observers, "triton_eager_applies", eager_applies)

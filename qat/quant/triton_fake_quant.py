@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,8 @@ NO_FMA = {"enable_fp_fusion": False}
 
 
 # the GPU's round-to-nearest-even instruction (libdevice rint); Triton's interpreter has no libdevice
-_HARDWARE_RINT: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_HARDWARE_RINT: tl.constexpr = tl.constexpr(not _INTERPRETED)
 
 
 @triton.jit
@@ -79,6 +81,13 @@ def _program_tile(row_len, n_blocks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _scalars_f32(zero_value, qmin, qmax, eps):
+    """The float scalar arguments as float32: inductor passes Python floats to traced kernels as float64."""
+    return (tl.cast(zero_value, tl.float32), tl.cast(qmin, tl.float32), tl.cast(qmax, tl.float32),
+            tl.cast(eps, tl.float32))
+
+
+@triton.jit
 def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
                  LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr):
     """(s, 1/s, z) of one row; LEARNED applies LSQ's clamps (scale >= eps, zero rounded into range)."""
@@ -102,6 +111,7 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_bloc
     """SAVE_BITS: also the gradient mask (code in range, and x > 0 with RELU), bit j % 8 of byte j // 8 of
     this program's BLOCK / 8 bytes at bits[program * BLOCK / 8]."""
     row, offs, inbounds, base = _program_tile(row_len, n_blocks, BLOCK)
+    zero_value, qmin, qmax, eps = _scalars_f32(zero_value, qmin, qmax, eps)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     live = x > 0.0
@@ -190,17 +200,28 @@ def _launch_shape_of(row_len: int, max_block: int = MAX_BLOCK) -> tuple[int, int
     return row_len, block, triton.cdiv(row_len, block)
 
 
+def _launcher(kernel, traced: bool):
+    """`kernel` (eager), or wrapped so that torch.compile traces its launch into the graph (`traced`)."""
+    return torch.library.wrap_triton(kernel) if traced and not _INTERPRETED else kernel
+
+
+def _options(traced: bool) -> dict:
+    """NO_FMA for eager launches. Inductor compiles a traced kernel with its own options; the traced kernels
+    (fixed qparams: values and mask bits) have no multiply followed by an add to fuse."""
+    return {} if traced else NO_FMA
+
+
 def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
-             save_bits: bool) -> tuple[Tensor, Tensor | None]:
+             save_bits: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
     """(y, the gradient mask's bits or None)."""
     y = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows)
     bits = torch.empty(rows * n_blocks * block // 8, device=x.device, dtype=torch.uint8) if save_bits else None
-    _forward_kernel[(rows * n_blocks,)](
+    _launcher(_forward_kernel, traced)[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned,
         HAS_ZERO=zero_point is not None, RELU=grid.relu, SAVE_BITS=save_bits, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4, **NO_FMA,
+        num_warps=8 if block >= 2048 else 4, **_options(traced),
     )
     return y, bits
 
@@ -223,13 +244,13 @@ class _Layout:
         return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
 
 
-def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int) -> Tensor:
+def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, traced: bool = False) -> Tensor:
     if grad.stride() != layout.stride:
         grad = layout.empty().copy_(grad)  # x's memory order: one flat index addresses both
     grad_x = layout.empty()
     row_len, block, n_blocks = _launch_shape(grad_x, rows)
-    _bits_backward_kernel[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
-                                              num_warps=8 if block >= 2048 else 4)
+    _launcher(_bits_backward_kernel, traced)[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
+                                                                 num_warps=8 if block >= 2048 else 4)
     return grad_x
 
 
@@ -280,23 +301,26 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None
 
 
-# torch.compile sees the kernels as three opaque operators (inductor's own code for the formula was slower than
-# these kernels) with the autograd function's arithmetic: the forward (y and the mask bits, empty for LSQ), the
-# bits backward and the LSQ backward. Eager mode keeps `_FusedFakeQuantize`, whose dispatch costs less host time.
-@torch.library.custom_op(
-    "qat::fused_fake_quantize", mutates_args=(),
-    schema="(Tensor x, Tensor scale, Tensor? zero_point, int rows, int qmin, int qmax, bool learned, "
-           "float zero_value, float grad_scale, bool relu) -> (Tensor, Tensor)",
-)
-def _fake_quantize_op(x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu):
-    grid = _Grid(qmin, qmax, learned, zero_value, grad_scale, relu)
-    y, bits = _forward(x, scale, zero_point, rows, grid, save_bits=not learned)
-    return y, bits if bits is not None else x.new_empty(0, dtype=torch.uint8)
+# torch.compile sees the fixed-qparams kernels as two operators with the autograd function's arithmetic: the
+# forward (y and the mask bits) and the bits backward. On the GPU they are `triton_op`s: inductor traces their
+# launches into its own code (no Python dispatch per call). Triton's interpreter cannot be traced: there they are
+# opaque `custom_op`s with fake (shape-only) implementations, which the CPU tests check. Eager mode keeps
+# `_FusedFakeQuantize`, whose dispatch costs less host time. LSQ under torch.compile takes the formula
+# (`qat.quant.learnable`): inductor's code for its traced backward kernel has not been checked on a GPU yet.
+def _operator(name: str, fake: Callable):
+    """The schema comes from the implementation's annotations."""
+    def define(implementation: Callable):
+        if not _INTERPRETED:
+            return torch.library.triton_op(name, implementation, mutates_args=())
+        op = torch.library.custom_op(name, implementation, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return define
 
 
-@_fake_quantize_op.register_fake
-def _(x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu):
-    return torch.empty_like(x), x.new_empty(0 if learned else _bits_bytes(x.numel(), rows), dtype=torch.uint8)
+def _fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, relu):
+    return torch.empty_like(x), x.new_empty(_bits_bytes(x.numel(), rows), dtype=torch.uint8)
 
 
 def _bits_bytes(numel, rows: int):
@@ -308,76 +332,48 @@ def _bits_bytes(numel, rows: int):
     return rows * n_blocks * block // 8
 
 
+@_operator("qat::fused_fake_quantize", fake=_fake_quantize_fake)
+def _fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Tensor, rows: int, qmin: int, qmax: int,
+                      relu: bool) -> tuple[Tensor, Tensor]:
+    """(y, the gradient mask's bits) of the clipped-STE fake-quant of rows of a dense x."""
+    grid = _Grid(qmin, qmax, learned=False, zero_value=0.0, grad_scale=0.0, relu=relu)
+    return _forward(x, scale, zero_point, rows, grid, save_bits=True, traced=True)
+
+
 def _setup_fake_quantize_op(ctx, inputs, output):
-    x, scale, zero_point, rows, qmin, qmax, learned, zero_value, grad_scale, relu = inputs
-    ctx.rows, ctx.grid = rows, _Grid(qmin, qmax, learned, zero_value, grad_scale, relu)
-    if learned:
-        ctx.save_for_backward(x, scale, zero_point)
-    else:
-        ctx.save_for_backward(output[1])
-        ctx.stride = x.stride()
+    x, rows = inputs[0], inputs[3]
+    ctx.save_for_backward(output[1])
+    ctx.rows, ctx.stride = rows, x.stride()
 
 
 def _fake_quantize_op_backward(ctx, grad_y, _grad_bits):
-    grid, no_grads = ctx.grid, (None,) * 7
-    if not grid.learned:
-        (bits,) = ctx.saved_tensors
-        grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
-        return (grad_x, None, None) + no_grads
-    x, scale, zero_point = ctx.saved_tensors
-    scale_grad, zero_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    grad_x, sums = torch.ops.qat.fused_lsq_backward(grad_y, x, scale, zero_point, ctx.rows, grid.qmin, grid.qmax,
-                                                    grid.zero_value, grid.grad_scale, grid.relu, scale_grad,
-                                                    zero_grad)
-    grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
-    grad_zero = sums[-1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
-    return (grad_x, grad_scale, grad_zero) + no_grads
+    (bits,) = ctx.saved_tensors
+    grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
+    return (grad_x,) + (None,) * 6
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_op_backward, setup_context=_setup_fake_quantize_op)
 
 
-@torch.library.custom_op(
-    "qat::fused_fake_quantize_bits_backward", mutates_args=(),
-    schema="(Tensor grad, Tensor bits, int rows, SymInt[] stride) -> Tensor",
-)
-def _bits_backward_op(grad, bits, rows, stride):
-    return _bits_backward(grad, bits, _Layout(grad.shape, tuple(stride), grad.dtype, grad.device), rows)
-
-
-@_bits_backward_op.register_fake
-def _(grad, bits, rows, stride):
+def _bits_backward_fake(grad, bits, rows, stride):
     return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
 
 
-@torch.library.custom_op(
-    "qat::fused_lsq_backward", mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor scale, Tensor? zero_point, int rows, int qmin, int qmax, "
-           "float zero_value, float grad_scale, bool relu, bool scale_grad, bool zero_grad) -> (Tensor, Tensor)",
-)
-def _lsq_backward_op(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu, scale_grad,
-                     zero_grad):
-    """(grad_x, the wanted gradient sums: (scale_grad + zero_grad, rows), the scale's first)."""
-    grid = _Grid(qmin, qmax, True, zero_value, grad_scale, relu)
-    grad_x, sums = _backward(grad, x, scale, zero_point, rows, grid, scale_grad, zero_grad)
-    if sums is None:
-        return grad_x, x.new_empty((0, rows), dtype=torch.float32)
-    if not scale_grad:  # the kernel leaves unwanted rows unset; a fresh tensor, as the fake result (no offset)
-        return grad_x, sums[1:].clone()
-    return grad_x, sums[:(2 if zero_grad else 1)]
-
-
-@_lsq_backward_op.register_fake
-def _(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu, scale_grad, zero_grad):
-    return torch.empty_like(x), x.new_empty((int(scale_grad) + int(zero_grad), rows), dtype=torch.float32)
+@_operator("qat::fused_fake_quantize_bits_backward", fake=_bits_backward_fake)
+def _bits_backward_op(grad: Tensor, bits: Tensor, rows: int, stride: Sequence[int]) -> Tensor:
+    """grad where the forward's bit is set, else 0, laid out with x's `stride`."""
+    layout = _Layout(grad.shape, tuple(stride), grad.dtype, grad.device)
+    return _bits_backward(grad, bits, layout, rows, traced=True)
 
 
 def _apply(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
     """The fused fake-quant of rows of a dense x: the autograd function, or the operators under torch.compile."""
     if not torch.compiler.is_compiling():
         return _FusedFakeQuantize.apply(x, scale, zero_point, rows, grid)
-    return torch.ops.qat.fused_fake_quantize(x, scale, zero_point, rows, grid.qmin, grid.qmax, grid.learned,
-                                             grid.zero_value, grid.grad_scale, grid.relu)[0]
+    if grid.learned:
+        raise NotImplementedError("the fused LSQ kernels are not torch.compile operators: under torch.compile "
+                                  "qat.quant.learnable.lsq_fake_quantize takes the formula")
+    return torch.ops.qat.fused_fake_quantize(x, scale, zero_point, rows, grid.qmin, grid.qmax, grid.relu)[0]
 
 
 def _dense(x: Tensor) -> Tensor:

@@ -199,27 +199,21 @@ def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
 
 
 def _op_samples() -> dict[str, tuple]:
-    """Arguments for each torch.compile operator of the fused kernels (fixed qparams with a folded ReLU,
-    LSQ+ per channel, and their backwards)."""
+    """Arguments for each torch.compile operator of the fused kernels (channels_last x; a folded ReLU)."""
     x = torch.randn(4, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
     scale, zero = torch.tensor([0.05], device=DEVICE), torch.tensor([10], device=DEVICE, dtype=torch.int32)
-    y, bits = torch.ops.qat.fused_fake_quantize(x, scale, zero, 1, 0, 255, False, 0.0, 0.0, True)
-    channel_scale = torch.full((4,), 0.3, device=DEVICE)
-    channel_zero = torch.full((4,), 1.4, device=DEVICE)
+    channel_scale = torch.full((4,), 0.03, device=DEVICE)
+    channel_zero = torch.zeros(4, device=DEVICE, dtype=torch.int32)
+    y, bits = torch.ops.qat.fused_fake_quantize(x, scale, zero, 1, 0, 255, True)
     return {
-        "fixed_relu": (torch.ops.qat.fused_fake_quantize,
-                       (_leaf(x), scale, zero, 1, 0, 255, False, 0.0, 0.0, True)),
-        "lsq_plus_per_channel": (torch.ops.qat.fused_fake_quantize,
-                                 (_leaf(x), _leaf(channel_scale), _leaf(channel_zero), 4, -8, 7, True, 0.0, 0.1, False)),
+        "per_tensor_relu": (torch.ops.qat.fused_fake_quantize, (_leaf(x), scale, zero, 1, 0, 255, True)),
+        "per_channel": (torch.ops.qat.fused_fake_quantize, (_leaf(x), channel_scale, channel_zero, 4, -7, 7, False)),
         "bits_backward": (torch.ops.qat.fused_fake_quantize_bits_backward,
                           (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, list(x.stride()))),
-        "lsq_backward_zero_only": (torch.ops.qat.fused_lsq_backward,
-                                   (torch.randn_like(x), x, channel_scale, channel_zero, 4, -8, 7, 0.0, 0.1, False,
-                                    False, True)),
     }
 
 
-@pytest.mark.parametrize("case", ["fixed_relu", "lsq_plus_per_channel", "bits_backward", "lsq_backward_zero_only"])
+@pytest.mark.parametrize("case", ["per_tensor_relu", "per_channel", "bits_backward"])
 def test_compiler_operators_pass_opcheck(fused_module, case):
     """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
     with dynamic shapes give the eager results."""
@@ -240,45 +234,57 @@ def _recording_backend(graphs: list):
     return aot_autograd(fw_compiler=keep, bw_compiler=keep)
 
 
-def _qat_ops(graph: torch.fx.GraphModule) -> list[str]:
-    return [str(node.target) for node in graph.graph.nodes if str(node.target).startswith("qat.")]
+KERNEL_OF_OPERATOR = {
+    "qat.fused_fake_quantize.default": "_forward_kernel",
+    "qat.fused_fake_quantize_bits_backward.default": "_bits_backward_kernel",
+}
 
 
-@pytest.mark.parametrize("name", list(AFFINE_SPECS) + list(LSQ_SPECS))
-def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name):
-    """Under torch.compile (fullgraph: no graph break) the forward and backward graphs call the fused kernels'
-    operators, with the eager results: values and x gradients equal, qparam gradients as exact as eager's."""
-    learned = name in LSQ_SPECS
-    spec, learned_zero = LSQ_SPECS[name] if learned else (AFFINE_SPECS[name], False)
+def _fused_calls(graph: torch.fx.GraphModule) -> list[str]:
+    """The fused kernels a traced graph runs: our operators (opaque on the CPU), or on CUDA their Triton launches
+    traced into the graph, named by kernel."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    calls = []
+    for node in graph.graph.nodes:
+        target = str(node.target)
+        if target in KERNEL_OF_OPERATOR:
+            calls.append(KERNEL_OF_OPERATOR[target])
+        elif target.startswith("triton_kernel_wrapper"):
+            calls.append(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+    return calls
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("name", AFFINE_SPECS)
+def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
+    """Under torch.compile (fullgraph: no graph break) the forward and backward graphs run the fused kernels,
+    with the eager values and gradients, bit for bit."""
+    spec = AFFINE_SPECS[name]
     shape = (4, 3, 5, 5)
     channels = shape[spec.axis] if spec.is_per_channel else 1
-    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ()).to(DEVICE)
-    x = _input(shape, scale.cpu(), spec, torch.float32)
-    if learned:
-        zero = torch.full(scale.shape, 1.6, device=DEVICE) if learned_zero else None
+    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
+    x = _input(shape, scale, spec, torch.float32)
+    scale = scale.to(DEVICE)
+    zero = torch.randint(0, 5, scale.shape, dtype=torch.int32, device=DEVICE) if not spec.symmetric else \
+        torch.zeros(scale.shape, dtype=torch.int32, device=DEVICE)
 
-        def function(x, scale, zero):
-            return fused_module.lsq_fake_quantize(x, scale, zero, spec, 0.2, relu=True)
-    else:
-        zero = torch.randint(0, 5, scale.shape, dtype=torch.int32, device=DEVICE) if not spec.symmetric else \
-            torch.zeros(scale.shape, dtype=torch.int32, device=DEVICE)
+    def function(x):
+        return fused_module.fake_quantize(x, scale, zero, spec, relu=relu)
 
-        def function(x, scale, zero):
-            return fused_module.fake_quantize(x, scale, zero, spec)
     graphs = []
     compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
     results = []
     for run in (function, compiled):
-        args = (_leaf(x), _leaf(scale, learned), None if zero is None else _leaf(zero, learned_zero))
-        y = run(*args)
+        x_leaf = _leaf(x)
+        y = run(x_leaf)
         y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
-        results.append([y] + [a.grad for a in args if a is not None and a.requires_grad])
-    for got, want in zip(results[1], results[0]):
-        assert torch.equal(got, want)
+        results.append((y, x_leaf.grad))
+    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+    assert 0 < int((results[0][1] == 0).sum()) < x.numel()  # some values clip, others pass
     forward, backward = graphs
-    assert _qat_ops(forward) == ["qat.fused_fake_quantize.default"]
-    assert _qat_ops(backward) == ["qat.fused_lsq_backward.default" if learned
-                                  else "qat.fused_fake_quantize_bits_backward.default"]
+    assert _fused_calls(forward) == ["_forward_kernel"]
+    assert _fused_calls(backward) == ["_bits_backward_kernel"]
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
@@ -309,7 +315,9 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
             optimizer.zero_grad()
             losses[compiled].append(loss.item())
     assert losses[False][-1] < losses[False][0]  # it trains
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-5)
-    if not ON_CUDA:
-        forward_ops = _qat_ops(graphs[0])
-        assert forward_ops.count("qat.fused_fake_quantize.default") >= 3  # input and the two activations
+    # the CPU runs the same kernels; inductor on CUDA reorders the float arithmetic around them (BN, the convs)
+    rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
+    if not ON_CUDA:  # fixed qparams: the input, two activations, three weights; LSQ: the formula (learnable.py)
+        fused = _fused_calls(graphs[0]).count("_forward_kernel")
+        assert fused >= 6 if preset == "w8a8" else fused == 0
