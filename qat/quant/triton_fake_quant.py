@@ -323,11 +323,8 @@ def _fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, relu):
     return torch.empty_like(x), x.new_empty(_bits_bytes(x.numel(), rows), dtype=torch.uint8)
 
 
-def _bits_bytes(numel, rows: int):
-    """Size of the forward's mask bits: BLOCK / 8 bytes per program. A size that torch.compile traces as a
-    symbol (a dynamic batch) becomes a new symbol."""
-    if not isinstance(numel, int):
-        return torch.library.get_ctx().new_dynamic_size()
+def _bits_bytes(numel: int, rows: int) -> int:
+    """Size of the forward's mask bits: BLOCK / 8 bytes per program (symbolic for a dynamic batch)."""
     _, block, n_blocks = _launch_shape_of(numel // rows)
     return rows * n_blocks * block // 8
 

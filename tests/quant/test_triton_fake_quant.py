@@ -287,6 +287,28 @@ def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
     assert _fused_calls(backward) == ["_bits_backward_kernel"]
 
 
+def test_compiled_with_changing_batch_sizes_equals_eager(fused_module):
+    """Compiled for dynamic shapes (as after a smaller last batch), the operators size the mask bits from the
+    symbolic batch: values and gradients equal eager's for every batch size."""
+    spec = QuantSpec(bits=8, signed=False)
+    scale = torch.tensor(0.05, device=DEVICE)
+    zero = torch.tensor(10, dtype=torch.int32, device=DEVICE)
+
+    def function(x):
+        return fused_module.fake_quantize(x, scale, zero, spec, relu=True)
+
+    compiled = torch.compile(function, backend="aot_eager", dynamic=True, fullgraph=True)
+    for batch in (8, 5, 3):
+        x = _input((batch, 3, 5, 7), scale.cpu(), spec, torch.float32)
+        results = []
+        for run in (function, compiled):
+            x_leaf = _leaf(x)
+            y = run(x_leaf)
+            y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
+            results.append((y, x_leaf.grad))
+        assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+
+
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
 def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
     """A prepared Conv-BN-ReLU net compiled whole (fullgraph; inductor on CUDA, AOT autograd without code
