@@ -125,14 +125,15 @@ def reduced_minmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 def storage_order(x: torch.Tensor, first: int | None = None) -> tuple[int, ...]:
     """The dims of `x` from the largest stride to the smallest (`first` kept in front): x.permute(order) is
-    a contiguous view for dense layouts such as channels_last.
+    a contiguous view for dense layouts such as channels_last. Under torch.compile, x's own dim order.
 
     >>> storage_order(torch.zeros(2, 3, 4, 5).to(memory_format=torch.channels_last))
     (0, 2, 3, 1)
     """
     dims = [d for d in range(x.dim()) if d != first]
-    order = sorted(dims, key=lambda d: -x.stride(d))
-    return tuple(([first] if first is not None else []) + order)
+    if not torch.compiler.is_compiling():  # under torch.compile strides may be symbols; the order saves no copy there
+        dims.sort(key=lambda d: -x.stride(d))
+    return tuple(([first] if first is not None else []) + dims)
 
 
 def reduced_aminmax(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -312,8 +312,9 @@ def test_compiled_with_changing_batch_sizes_equals_eager(fused_module):
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
 def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
-    """A prepared Conv-BN-ReLU net compiled whole (fullgraph; inductor on CUDA, AOT autograd without code
-    generation on the CPU) trains as it does eagerly: the same losses over a few SGD steps."""
+    """A prepared Conv-BN-ReLU net compiled whole (fullgraph, dynamic shapes; inductor on CUDA, AOT autograd
+    without code generation on the CPU) trains as it does eagerly: the same losses over a few SGD steps on
+    batches of changing size."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -329,10 +330,10 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
         net = copy.deepcopy(prepared).train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         backend = "inductor" if ON_CUDA else _recording_backend(graphs)
-        run = torch.compile(net, backend=backend, fullgraph=True) if compiled else net
+        run = torch.compile(net, backend=backend, fullgraph=True, dynamic=True) if compiled else net
         losses[compiled] = []
-        for _ in range(4):
-            loss = nn.functional.cross_entropy(run(x), target)
+        for batch in (8, 5, 8, 3, 8):
+            loss = nn.functional.cross_entropy(run(x[:batch]), target[:batch])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
