@@ -136,9 +136,8 @@ def test_lsq_scale_clamped_at_eps_gets_no_gradient(fused_module):
     assert scale.grad.item() == 0.0
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
-def test_training_steps_fused_match_reference(triton_on_cpu, preset):
-    """A few SGD steps of a small prepared Conv-BN-ReLU net: the losses of both paths agree."""
+def _prepared_net(preset: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(a small Conv-BN-ReLU net prepared with `preset` and calibrated, a batch of 8, its targets)."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
@@ -148,18 +147,31 @@ def test_training_steps_fused_match_reference(triton_on_cpu, preset):
     x, target = torch.randn(8, 3, 8, 8, device=DEVICE), torch.randint(0, 4, (8,), device=DEVICE)
     prepared = qat.prepare(model.to(DEVICE), qat.QuantConfig.preset(preset), example_inputs=(x,))
     qat.calibrate(prepared, [x], freeze=preset != "w8a8")
+    return prepared, x, target
+
+
+def _sgd_losses(net: nn.Module, forward, x: torch.Tensor, target: torch.Tensor, batches: list[int]) -> list[float]:
+    """The losses of SGD steps on net's parameters, `forward` run on the first `batch` rows of x per step."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for batch in batches:
+        loss = nn.functional.cross_entropy(forward(x[:batch]), target[:batch])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
+def test_training_steps_fused_match_reference(triton_on_cpu, preset):
+    """A few SGD steps of a small prepared Conv-BN-ReLU net: the losses of both paths agree."""
+    prepared, x, target = _prepared_net(preset)
     losses = {}
     for fused in (True, False):
         net = copy.deepcopy(prepared).train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        losses[fused] = []
         with fused_kernels(fused), torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=ON_CUDA):
-            for _ in range(6):
-                loss = nn.functional.cross_entropy(net(x), target)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                losses[fused].append(loss.item())
+            losses[fused] = _sgd_losses(net, net, x, target, batches=[8] * 6)
     assert losses[True][-1] < losses[True][0]  # it trains
     # float32 on the CPU: equal up to the summation order of LSQ's scale gradients; bf16 convs on CUDA drift more
     rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
@@ -256,6 +268,14 @@ def _fused_calls(graph: torch.fx.GraphModule) -> list[str]:
     return calls
 
 
+def _output_and_gradient(function, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(function(x), the gradient of x for an output gradient ramping from -1 to 1)."""
+    x_leaf = _leaf(x)
+    y = function(x_leaf)
+    y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
+    return y, x_leaf.grad
+
+
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("name", AFFINE_SPECS)
 def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
@@ -275,14 +295,9 @@ def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
 
     graphs = []
     compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
-    results = []
-    for run in (function, compiled):
-        x_leaf = _leaf(x)
-        y = run(x_leaf)
-        y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
-        results.append((y, x_leaf.grad))
-    assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
-    assert 0 < int((results[0][1] == 0).sum()) < x.numel()  # some values clip, others pass
+    (y, grad_x), (y_eager, grad_x_eager) = _output_and_gradient(compiled, x), _output_and_gradient(function, x)
+    assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
+    assert 0 < int((grad_x_eager == 0).sum()) < x.numel()  # some values clip, others pass
     forward, backward = graphs
     assert _fused_calls(forward) == ["_forward_kernel"]
     assert _fused_calls(backward) == ["_bits_backward_kernel"]
@@ -301,13 +316,8 @@ def test_compiled_with_changing_batch_sizes_equals_eager(fused_module):
     compiled = torch.compile(function, backend="aot_eager", dynamic=True, fullgraph=True)
     for batch in (8, 5, 3):
         x = _input((batch, 3, 5, 7), scale.cpu(), spec, torch.float32)
-        results = []
-        for run in (function, compiled):
-            x_leaf = _leaf(x)
-            y = run(x_leaf)
-            y.backward(torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape))
-            results.append((y, x_leaf.grad))
-        assert torch.equal(results[1][0], results[0][0]) and torch.equal(results[1][1], results[0][1])
+        (y, grad_x), (y_eager, grad_x_eager) = _output_and_gradient(compiled, x), _output_and_gradient(function, x)
+        assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
@@ -315,29 +325,14 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
     """A prepared Conv-BN-ReLU net compiled whole (fullgraph, dynamic shapes; inductor on CUDA, AOT autograd
     without code generation on the CPU) trains as it does eagerly: the same losses over a few SGD steps on
     batches of changing size."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
-    )
-    x, target = torch.randn(8, 3, 8, 8, device=DEVICE), torch.randint(0, 4, (8,), device=DEVICE)
-    prepared = qat.prepare(model.to(DEVICE), qat.QuantConfig.preset(preset), example_inputs=(x,))
-    qat.calibrate(prepared, [x], freeze=preset != "w8a8")
+    prepared, x, target = _prepared_net(preset)
     graphs = []
     losses = {}
     for compiled in (False, True):
         net = copy.deepcopy(prepared).train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
         backend = "inductor" if ON_CUDA else _recording_backend(graphs)
         run = torch.compile(net, backend=backend, fullgraph=True, dynamic=True) if compiled else net
-        losses[compiled] = []
-        for batch in (8, 5, 8, 3, 8):
-            loss = nn.functional.cross_entropy(run(x[:batch]), target[:batch])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses[compiled].append(loss.item())
+        losses[compiled] = _sgd_losses(net, run, x, target, batches=[8, 5, 8, 3, 8])
     assert losses[False][-1] < losses[False][0]  # it trains
     # the CPU runs the same kernels; inductor on CUDA reorders the float arithmetic around them (BN, the convs)
     rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
