@@ -11,7 +11,7 @@ moves a quantization range (their enabled/disabled switches are restored right a
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import lightning as L
@@ -59,6 +59,9 @@ class LitClassifier(L.LightningModule):
     """Logs train/loss, train/acc1 (train/kd when distilling), val|test/{loss, acc1, acc5} and each group's lr.
 
     teacher: a float model distilled into `net` with `distill` (alpha > 0); frozen and kept in eval mode.
+    compile_net: training steps call `net`'s forward under torch.compile (compiled on the first step, and again
+    when a callback flips a quantizer switch); validation and test run it eagerly. The compiled function is a
+    plain attribute, so the state dict and checkpoints keep `net`'s own keys.
     """
 
     def __init__(
@@ -69,9 +72,12 @@ class LitClassifier(L.LightningModule):
         scheduler: SchedulerSettings = CONSTANT_LR,
         teacher: nn.Module | None = None,
         distill: DistillSettings = NO_DISTILLATION,
+        compile_net: bool = False,
     ):
         super().__init__()
         self.net = net
+        self.compile_net = compile_net
+        self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.teacher = teacher  # frozen, always in eval mode; not in the optimizer
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -89,9 +95,16 @@ class LitClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _training_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not self.compile_net:
+            return self.net
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.net.forward)
+        return self._compiled_forward
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self.net(x)
+        logits = self._training_forward()(x)
         loss = self.criterion(logits, y)
         if self.teacher is not None and self.distill.alpha > 0:
             with torch.no_grad():

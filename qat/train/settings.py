@@ -140,6 +140,7 @@ class RunSettings:
     seed: int = 0
     ckpt_path: str | None = None
     backend: str = field(default="auto", metadata=_choices(*BACKEND_NAMES))
+    compile: bool = False  # training steps run the network under torch.compile
     model: ModelSettings = ModelSettings()
     quant: QuantSettings = QuantSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
@@ -190,6 +191,8 @@ def _check_consistency(s: RunSettings) -> None:
     if s.distill.alpha > 0 and s.task != "qat":
         raise ConfigError(f"distill.alpha={s.distill.alpha} is invalid for task={s.task} (the float model teaches "
                           "a quantized one); allowed: 0, or task=qat")
+    if s.task == "ptq" and s.compile:
+        raise ConfigError("compile=true is invalid for task=ptq (nothing is trained); allowed: false")
     if s.task == "ptq" and s.ckpt_path is not None:
         raise ConfigError("ckpt_path is invalid for task=ptq (nothing is trained); allowed: null")
     for key, path in (("model.pretrained", s.model.pretrained), ("ckpt_path", s.ckpt_path)):

@@ -104,6 +104,8 @@ BAD_VALUES = [
     ("distill.alpha=1.5", "distill.alpha=1.5 is invalid; allowed: a number in [0, 1]"),
     ("distill.temperature=0", "distill.temperature=0.0 is invalid; allowed: a number > 0"),
     ("task=ptq distill.alpha=0.5", "distill.alpha=0.5 is invalid for task=ptq"),
+    ("task=ptq compile=true", "compile=true is invalid for task=ptq (nothing is trained); allowed: false"),
+    ("compile=sometimes", "compile='sometimes' is invalid; allowed: true/false"),
 ]
 
 

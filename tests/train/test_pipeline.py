@@ -59,6 +59,12 @@ def test_qat_run_with_distillation_from_the_float_model(tmp_path):
     _run_and_check(tmp_path, "qat_resnet_w4a4", "distill.alpha=0.5")
 
 
+@pytest.mark.slow
+def test_qat_run_with_compiled_training_steps(tmp_path):
+    """compile=true: the QAT run trains through torch.compile and converts, exports and reports as usual."""
+    _run_and_check(tmp_path, "qat_resnet", "compile=true")
+
+
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):
     import onnxruntime
 

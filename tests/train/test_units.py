@@ -1,5 +1,6 @@
 """Building blocks of the app: docstring examples, optimizer groups and schedules, QAT mode switches,
 observer pausing, reports and the sweep gatherer."""
+import copy
 import doctest
 import importlib
 import itertools
@@ -177,3 +178,28 @@ def test_observer_override_reaches_the_residual_stream_quantizers_too():
     assert config.activation.init_observer == config.op_activation.init_observer == "percentile"
     assert config.op_activation.spec.bits == 8 and config.activation.spec.bits == 4
     assert QuantSettings(preset="w8a8", observer="mse").quant_config().op_activation is None
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_equal_eager_and_keep_the_state_dict_keys():
+    """compile_net: the training steps' losses (observers updating between them) equal eager ones, and the
+    state dict (what checkpoints hold) has the network's own keys and the same values."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10))
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    prepared = prepare(net, QuantConfig.preset("w8a8"), example_inputs=(x,))
+    calibrate(prepared, [x])
+    runs = {}
+    for compiled in (False, True):
+        lit = LitClassifier(copy.deepcopy(prepared), 10, compile_net=compiled)
+        lit.log = lambda *args, **kwargs: None  # no Trainer attached
+        lit.train()
+        losses = [lit.training_step((x, y), step).item() for step in range(2)]
+        runs[compiled] = (losses, lit.state_dict(), lit._compiled_forward)
+    (losses, state, compiled_forward), (eager_losses, eager_state, no_compiled) = runs[True], runs[False]
+    assert compiled_forward is not None and no_compiled is None
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(eager_losses), rtol=1e-5, atol=1e-6)
+    assert list(state) == list(eager_state)
+    for key, value in eager_state.items():  # the observers moved the same way
+        torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
