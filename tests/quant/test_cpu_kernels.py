@@ -1,7 +1,9 @@
 """The C++ CPU kernels (`qat.quant.cpu_kernels`) against the pure-torch path (`fused_kernels(False)`):
 fake-quant values and masks bit for bit, masked gradients bit for bit, LSQ's input gradient bit for bit and
-its scale / zero-point gradients within float32 rounding; the fallback when the build fails; and
-``QAT_CPU_KERNELS=0``. Skipped where the kernels cannot be built (no compiler)."""
+its scale / zero-point gradients within float32 rounding; the fallback when the build fails; a stale build
+lock; and ``QAT_CPU_KERNELS=0``. Skipped where the kernels cannot be built (no compiler)."""
+import os
+import time
 import warnings
 
 import pytest
@@ -231,6 +233,31 @@ def test_build_failure_warns_once_and_keeps_the_torch_path(monkeypatch, rebuild_
     with fused_kernels(False):
         ref_out, ref_inside = fake_quantize_with_mask(x, scale, zero, -128, 127)
     assert torch.equal(out, ref_out) and torch.equal(inside, ref_inside)
+
+
+@pytest.mark.parametrize("lock_age_s, file_baton, removed", [
+    (3600, True, True),  # torch locking by the file's existence: an hour-old lock is an interrupted build's
+    (5, True, False),  # a build that may be running now
+    (3600, False, False),  # torch holding an OS lock: the file itself blocks nothing, and may be held now
+])
+def test_stale_build_lock_is_removed_only_where_torch_would_wait_forever(monkeypatch, tmp_path, lock_age_s,
+                                                                          file_baton, removed):
+    import torch.utils.cpp_extension
+
+    if file_baton:
+        monkeypatch.setattr(torch.utils.cpp_extension, "FileBaton", object, raising=False)
+    else:
+        monkeypatch.delattr(torch.utils.cpp_extension, "FileBaton", raising=False)
+    lock = tmp_path / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - lock_age_s,) * 2)
+    if removed:
+        with pytest.warns(RuntimeWarning, match="interrupted build"):
+            assert cpu_kernels.clear_stale_build_lock(tmp_path)
+    else:
+        assert not cpu_kernels.clear_stale_build_lock(tmp_path)
+    assert lock.exists() is not removed
+    assert not cpu_kernels.clear_stale_build_lock(tmp_path / "never_built")  # no lock: nothing to do
 
 
 def test_environment_switch_turns_the_kernels_off(monkeypatch):
