@@ -2,8 +2,8 @@
 
 The build (about 30 s, then cached in torch's extension directory) is named after the instruction set it
 targets, chosen from torch's own CPU detection, so a cached build never runs on a CPU that lacks its
-instructions, and after the Python and torch versions, so environments that differ in them keep their own builds.
-If it fails (no compiler, say), one warning is issued and `extension()` returns None: callers keep the
+instructions, and after the Python and torch versions, so environments that differ in them keep their own
+builds. If it fails (no compiler, say), one warning is issued and `extension()` returns None: callers keep the
 pure-torch path, which computes the same values. ``QAT_CPU_KERNELS=0`` turns the kernels off.
 
 Outputs of 1 MiB and more come from the extension's own block cache: a freed output's memory is kept (at
