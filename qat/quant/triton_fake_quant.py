@@ -192,10 +192,7 @@ def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
 
 def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
     """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
-    return _launch_shape_of(x.numel() // rows, max_block)
-
-
-def _launch_shape_of(row_len: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
+    row_len = x.numel() // rows
     block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
 
@@ -211,12 +208,17 @@ def _options(traced: bool) -> dict:
     return {} if traced else NO_FMA
 
 
+def _bits_bytes(rows: int, block: int, n_blocks: int) -> int:
+    """Size of the forward's mask bits: BLOCK / 8 bytes per program."""
+    return rows * n_blocks * block // 8
+
+
 def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
              save_bits: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
     """(y, the gradient mask's bits or None)."""
     y = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows)
-    bits = torch.empty(rows * n_blocks * block // 8, device=x.device, dtype=torch.uint8) if save_bits else None
+    bits = torch.empty(_bits_bytes(rows, block, n_blocks), device=x.device, dtype=torch.uint8) if save_bits else None
     _launcher(_forward_kernel, traced)[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned,
@@ -320,13 +322,8 @@ def _operator(name: str, fake: Callable):
 
 
 def _fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, relu):
-    return torch.empty_like(x), x.new_empty(_bits_bytes(x.numel(), rows), dtype=torch.uint8)
-
-
-def _bits_bytes(numel: int, rows: int) -> int:
-    """Size of the forward's mask bits: BLOCK / 8 bytes per program (symbolic for a dynamic batch)."""
-    _, block, n_blocks = _launch_shape_of(numel // rows)
-    return rows * n_blocks * block // 8
+    _, block, n_blocks = _launch_shape(x, rows)  # symbolic for a dynamic batch
+    return torch.empty_like(x), x.new_empty(_bits_bytes(rows, block, n_blocks), dtype=torch.uint8)
 
 
 @_operator("qat::fused_fake_quantize", fake=_fake_quantize_fake)
