@@ -625,6 +625,11 @@ def signed_offset(qp: ActQParams) -> int:
     return 128 - qp.zero_point if qp.dtype == torch.uint8 else -qp.zero_point
 
 
+def _centred_grid_args(qp: ActQParams) -> tuple[float, int, int]:
+    """(1 / scale, code bounds minus the zero point): a grid as the fused attention rounds onto it."""
+    return qp.inv_scale, qp.qmin - qp.zero_point, qp.qmax - qp.zero_point
+
+
 def _requant_args(out_qp: ActQParams | None, relu: bool) -> tuple[float, int, int, int]:
     if out_qp is None:
         return 1.0, 0, 0, 0
@@ -890,9 +895,8 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     c1, c2, c3 = key_chunks(keys)
     _attention_kernel[(programs,)](
         q, k_t, v, out, rows, keys, d, inner, *q.stride(), *k_t.stride(), *v.stride(), *out.stride(),
-        grids.q.zero_point, grids.k.zero_point, grids.q.scale * grids.k.scale, s_qp.inv_scale,
-        s_qp.qmin - s_qp.zero_point, s_qp.qmax - s_qp.zero_point, grids.logits.scale * math.log2(math.e),
-        p_qp.inv_scale, p_qp.qmin - p_qp.zero_point, p_qp.qmax - p_qp.zero_point, grids.v.zero_point,
+        grids.q.zero_point, grids.k.zero_point, grids.q.scale * grids.k.scale, *_centred_grid_args(s_qp),
+        grids.logits.scale * math.log2(math.e), *_centred_grid_args(p_qp), grids.v.zero_point,
         p_qp.scale * grids.v.scale, *_requant_args(out_qp, False), OUT_FLOAT=out_qp is None, ROW_LOOP=row_loop,
         C1=c1, C2=c2, C3=c3, BD=max(16, triton.next_power_of_2(d)),
         BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS, **NO_FMA)
