@@ -95,16 +95,20 @@ class LitClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _training_forward(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.compile_net:
-            return self.net
+            return self.net(x)
         if self._compiled_forward is None:
             self._compiled_forward = torch.compile(self.net.forward)
-        return self._compiled_forward
+        # Under DDP, dynamo's DDPOptimizer would split the graph at gradient-bucket boundaries; with calibrated
+        # quantizers (buffers updated in place) the split graphs' backward fails ("modified by an inplace
+        # operation"). One graph instead: DDP's own reducer syncs the gradients.
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return self._compiled_forward(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        logits = self._training_forward()(x)
+        logits = self._training_forward(x)
         loss = self.criterion(logits, y)
         if self.teacher is not None and self.distill.alpha > 0:
             with torch.no_grad():

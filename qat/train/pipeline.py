@@ -52,9 +52,6 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(settings.seed, workers=True)
     trainer = build_trainer(cfg, settings, callbacks) if settings.trains else None
-    if settings.compile and trainer is not None and trainer.world_size > 1:
-        raise ConfigError(f"compile=true is invalid with {trainer.world_size} processes (DDP): a compiled step's "
-                          "backward failed there on a buffer changed in place; allowed: false, or one device")
     datamodule = build_datamodule(cfg)
     num_classes = settings.model.num_classes or datamodule.num_classes
     float_model = build_model(settings.model.name, num_classes, settings.model.pretrained)

@@ -12,7 +12,6 @@ from PIL import Image
 
 from qat.artifact import load
 from qat.train import run
-from qat.train.settings import ConfigError
 
 VARIANTS_BY_TASK = {"fp32": ["float"], "ptq": ["float", "fake_quant", "int8"], "qat": ["float", "fake_quant", "int8"]}
 
@@ -64,14 +63,6 @@ def test_qat_run_with_distillation_from_the_float_model(tmp_path):
 def test_qat_run_with_compiled_training_steps(tmp_path):
     """compile=true: the QAT run trains through torch.compile and converts, exports and reports as usual."""
     _run_and_check(tmp_path, "qat_resnet", "compile=true")
-
-
-def test_compiled_training_with_ddp_is_refused_before_any_work(tmp_path):
-    cfg = compose_config(tmp_path, "+recipe=qat_resnet", *FAST, *pretrained_overrides(), "compile=true",
-                         "trainer.devices=2", "trainer.strategy=ddp")
-    with pytest.raises(ConfigError, match=r"compile=true is invalid with 2 processes \(DDP\)"):
-        run(cfg)
-    assert not (tmp_path / "summary.json").exists()
 
 
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):

@@ -75,14 +75,17 @@ def test_single_process_sync_is_a_no_op():
 
 
 @pytest.mark.slow
-def test_ddp_on_cpu_runs_and_ranks_agree(tmp_path):
-    """python train.py ... trainer.devices=2 trainer.strategy=ddp on CPU (gloo): two ranks, one summary."""
+@pytest.mark.parametrize("extra", [(), ("compile=true",)], ids=["eager", "compiled"])
+def test_ddp_on_cpu_runs_and_ranks_agree(tmp_path, extra):
+    """python train.py ... trainer.devices=2 trainer.strategy=ddp on CPU (gloo): two ranks, one summary; also
+    with compiled training steps."""
     command = [
         sys.executable, "train.py", "+recipe=qat_resnet", "data=synthetic", "data.num_train=64", "data.num_val=16",
         "data.batch_size=8", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
         "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.num_sanity_val_steps=0",
         "trainer.enable_progress_bar=false", "quant.calibration_batches=1", "quant.freeze_observer_epoch=1",
         "evaluate.limit_batches=1", "evaluate.latency_iters=1", "export.onnx=false", f"hydra.run.dir={tmp_path}",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env, check=False)
