@@ -60,5 +60,5 @@ def triton_on_cpu(monkeypatch, fused_module):
             return applies(x, spec) and not torch.compiler.is_compiling()
 
         monkeypatch.setattr(affine, "triton_applies", applies)
-        monkeypatch.setattr(learnable, "triton_eager_applies", eager_applies)
+        monkeypatch.setattr(learnable, "triton_applies", applies)
         monkeypatch.setattr(observers, "triton_eager_applies", eager_applies)

@@ -35,7 +35,7 @@ from qat.quant.affine import (
     fake_quantize_with_mask,
     masked_gradient,
     storage_order,
-    triton_eager_applies,
+    triton_applies,
 )
 from qat.quant.spec import Granularity, QuantSpec
 
@@ -145,7 +145,7 @@ class _LSQKernelCPU(torch.autograd.Function):
 def lsq_folds_relu(x: torch.Tensor, spec: QuantSpec) -> bool:
     """`lsq_fake_quantize(x, ..., relu=True)` applies the ReLU inside its kernels (Triton or C++), rather than
     as a torch.relu before them."""
-    return triton_eager_applies(x, spec) or cpu_kernels_apply(x, spec)
+    return triton_applies(x, spec) or cpu_kernels_apply(x, spec)
 
 
 def lsq_fake_quantize(
@@ -160,10 +160,10 @@ def lsq_fake_quantize(
 
     On CUDA (per-tensor / per-channel) the fused Triton kernels compute the same values and gradients, on
     the CPU the C++ kernels where `cpu_kernels_apply`. `relu`: fake-quantize relu(x) (folded into both).
-    Under torch.compile the formula, which inductor fuses (the fused LSQ kernels are not compiler operators).
+    Under torch.compile the Triton kernels run as compiler operators.
     """
     g = lsq_grad_scale(x, spec) if grad_scale is None else grad_scale
-    if triton_eager_applies(x, spec):
+    if triton_applies(x, spec):
         from qat.quant import triton_fake_quant
 
         return triton_fake_quant.lsq_fake_quantize(x, scale, zero_point, spec, g, relu)

@@ -25,6 +25,7 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -149,6 +150,8 @@ def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_p
     this block's sum of the LSQ scale / LSQ+ zero-point gradient (times grad_scale; zero for a scale clamped
     at eps) into partial[0 / 1, row, block]."""
     row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
+    zero_value, qmin, qmax, eps = _scalars_f32(zero_value, qmin, qmax, eps)
+    grad_scale = tl.cast(grad_scale, tl.float32)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
     x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
@@ -203,8 +206,9 @@ def _launcher(kernel, traced: bool):
 
 
 def _options(traced: bool) -> dict:
-    """NO_FMA for eager launches. Inductor compiles a traced kernel with its own options; the traced kernels
-    (fixed qparams: values and mask bits) have no multiply followed by an add to fuse."""
+    """NO_FMA for eager launches (bit-exact against the torch formula). Inductor compiles a traced kernel with its
+    own options: the fixed-qparams kernels have no multiply followed by an add to fuse; the LSQ backward's
+    block sums may then differ from eager's in the last bits."""
     return {} if traced else NO_FMA
 
 
@@ -257,19 +261,19 @@ def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, trace
 
 
 def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
-              scale_grad: bool, zero_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(grad_x, partial sums (2, rows) of the scale / zero-point gradients or None)."""
+              scale_grad: bool, zero_grad: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
+    """(grad_x, sums (2, rows) of the scale / zero-point gradients (a row not asked for: unset), or None)."""
     grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
-    _backward_kernel[(rows * n_blocks,)](
+    _launcher(_backward_kernel, traced)[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad,
         ZERO_GRAD=zero_grad,
-        BLOCK=block, num_warps=4, **NO_FMA,
+        BLOCK=block, num_warps=4, **_options(traced),
     )
     sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums
@@ -303,12 +307,12 @@ class _FusedFakeQuantize(torch.autograd.Function):
         return grad_x, grad_scale, grad_zero, None, None
 
 
-# torch.compile sees the fixed-qparams kernels as two operators with the autograd function's arithmetic: the
-# forward (y and the mask bits) and the bits backward. On the GPU they are `triton_op`s: inductor traces their
-# launches into its own code (no Python dispatch per call). Triton's interpreter cannot be traced: there they are
-# opaque `custom_op`s with fake (shape-only) implementations, which the CPU tests check. Eager mode keeps
-# `_FusedFakeQuantize`, whose dispatch costs less host time. LSQ under torch.compile takes the formula
-# (`qat.quant.learnable`): inductor's code for its traced backward kernel has not been checked on a GPU yet.
+# torch.compile sees the kernels as operators with the autograd function's arithmetic. Fixed qparams: the forward
+# (y and the mask bits) and the bits backward. LSQ / LSQ+: the forward (y) and the backward (grad_x and the
+# qparams' gradient sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
+# Python dispatch per call). Triton's interpreter cannot be traced: there they are opaque `custom_op`s with fake
+# (shape-only) implementations, which the CPU tests check. Eager mode keeps `_FusedFakeQuantize`, whose dispatch
+# costs less host time.
 def _operator(name: str, fake: Callable):
     """The schema comes from the implementation's annotations."""
     def define(implementation: Callable):
@@ -360,13 +364,55 @@ def _bits_backward_op(grad: Tensor, bits: Tensor, rows: int, stride: Sequence[in
     return _bits_backward(grad, bits, layout, rows, traced=True)
 
 
+def _lsq_fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu):
+    return torch.empty_like(x)
+
+
+@_operator("qat::fused_lsq_fake_quantize", fake=_lsq_fake_quantize_fake)
+def _lsq_fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Optional[Tensor], rows: int, qmin: int, qmax: int,
+                          zero_value: float, grad_scale: float, relu: bool) -> Tensor:
+    """LSQ / LSQ+ fake-quant of rows of a dense x (the backward reads x again)."""
+    grid = _Grid(qmin, qmax, learned=True, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
+    return _forward(x, scale, zero_point, rows, grid, save_bits=False, traced=True)[0]
+
+
+def _setup_lsq_fake_quantize_op(ctx, inputs, output):
+    x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.arguments = (rows, qmin, qmax, zero_value, grad_scale, relu)
+
+
+def _lsq_fake_quantize_op_backward(ctx, grad_y):
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, sums = torch.ops.qat.fused_lsq_backward(grad_y, x, scale, zero_point, *ctx.arguments)
+    grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
+    grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if ctx.needs_input_grad[2] else None
+    return (grad_x, grad_scale, grad_zero) + (None,) * 6
+
+
+_lsq_fake_quantize_op.register_autograd(_lsq_fake_quantize_op_backward, setup_context=_setup_lsq_fake_quantize_op)
+
+
+def _lsq_backward_fake(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu):
+    return torch.empty_like(x), x.new_empty((2, rows), dtype=torch.float32)
+
+
+@_operator("qat::fused_lsq_backward", fake=_lsq_backward_fake)
+def _lsq_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Optional[Tensor], rows: int, qmin: int,
+                     qmax: int, zero_value: float, grad_scale: float, relu: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, sums (2, rows): the scale's and the zero point's gradient). Both sums are always computed (a
+    few more operations per element), so that the result has no unset row."""
+    grid = _Grid(qmin, qmax, learned=True, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
+    return _backward(grad, x, scale, zero_point, rows, grid, scale_grad=True, zero_grad=True, traced=True)
+
+
 def _apply(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
     """The fused fake-quant of rows of a dense x: the autograd function, or the operators under torch.compile."""
     if not torch.compiler.is_compiling():
         return _FusedFakeQuantize.apply(x, scale, zero_point, rows, grid)
     if grid.learned:
-        raise NotImplementedError("the fused LSQ kernels are not torch.compile operators: under torch.compile "
-                                  "qat.quant.learnable.lsq_fake_quantize takes the formula")
+        return torch.ops.qat.fused_lsq_fake_quantize(x, scale, zero_point, rows, grid.qmin, grid.qmax,
+                                                     grid.zero_value, grid.grad_scale, grid.relu)
     return torch.ops.qat.fused_fake_quantize(x, scale, zero_point, rows, grid.qmin, grid.qmax, grid.relu)[0]
 
 
