@@ -8,13 +8,13 @@
     python scripts/bench_gpu_qat.py --device cpu --model resnet18 --batch 16 --threads 2 --iters 10 --warmup 3
     python scripts/bench_gpu_qat.py --device cpu --batch 2 --image-size 32 --iters 2 --warmup 1   # smoke test
 
-A step is forward + backward + SGD step (momentum 0.9) on a fixed random batch, channels_last. Rows: float
-fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT qconfig, fp32), ours W8A8
-(observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned, observers off), both
-under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``; with ``--cuda-graph``
-also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead: the GPU's work).
-Times are medians of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the variants' steps taken
-in turn); the ratio is against float bf16 (eager).
+A step is forward + backward + SGD step (momentum 0.9; ``--fused-sgd``: torch's fused one) on a fixed random
+batch, channels_last. Rows: float fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT
+qconfig, fp32), ours W8A8 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned,
+observers off), both under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``;
+with ``--cuda-graph`` also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead:
+the GPU's work). Times are medians of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the
+variants' steps taken in turn); the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """
@@ -49,6 +49,7 @@ class Setup:
     num_classes: int
     x: torch.Tensor
     target: torch.Tensor
+    fused_sgd: bool = False  # torch's single-kernel SGD (fused=True) in every variant, else its foreach default
 
     @property
     def device(self) -> torch.device:
@@ -122,11 +123,15 @@ def variants_for(precision: str, compiled: bool, graphed: bool = False) -> list[
     return rows
 
 
+def make_optimizer(model: nn.Module, setup: Setup) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=setup.fused_sgd or None)
+
+
 def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
     """The step captured in a CUDA graph (warm-up on a side stream, autocast's cast cache off, gradients
     allocated inside the graph), as in PyTorch's whole-network capture recipe; a call replays it. Possible
     because a QAT step never synchronises with the host and its Python-side switches stay fixed."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = make_optimizer(model, setup)
 
     def body() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
@@ -149,7 +154,7 @@ def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> Callabl
 
 
 def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    optimizer = make_optimizer(model, setup)
     device_type = setup.device.type
 
     def step() -> None:
@@ -273,6 +278,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="of the float baseline and our QAT steps (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
+    parser.add_argument("--fused-sgd", action="store_true",
+                        help="every variant steps with torch's fused SGD (one kernel) instead of the foreach one")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -283,7 +290,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     setup = Setup(args.model, args.num_classes, x.contiguous(memory_format=torch.channels_last),
-                  torch.randint(0, args.num_classes, (args.batch,), device=device))
+                  torch.randint(0, args.num_classes, (args.batch,), device=device), args.fused_sgd)
     baseline = f"float {precision}"
     variants = variants_for(precision, args.compile, args.cuda_graph and device.type == "cuda")
     if args.only:
@@ -292,7 +299,7 @@ def main() -> None:
         rows = run(variants, setup, args)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     title = (f"{args.model} {args.image_size}px batch {args.batch}, {name}, torch {torch.__version__}"
-             f"{', reference fake-quant path' if args.reference else ''}")
+             f"{', reference fake-quant path' if args.reference else ''}{', fused SGD' if args.fused_sgd else ''}")
     print("\n" + table(rows, baseline, title))
 
 
