@@ -43,7 +43,7 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
 
 def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
     """The fused Triton fake-quant kernels serve CUDA float tensors, per-tensor or per-channel; under
-    torch.compile the fixed-qparams ones as compiler operators (`qat.quant.triton_fake_quant`)."""
+    torch.compile as compiler operators (`qat.quant.triton_fake_quant`)."""
     return (
         x.is_cuda
         and _use_kernels
@@ -53,7 +53,7 @@ def triton_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
 
 
 def triton_eager_applies(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """`triton_applies` outside torch.compile: the Triton kernels that are not compiler operators (LSQ, observer
+    """`triton_applies` outside torch.compile: the Triton kernels that are not compiler operators (observer
     updates, the folded conv weight) serve eager steps; torch.compile fuses their pure-torch formulas itself."""
     return triton_applies(x, spec) and not torch.compiler.is_compiling()
 
