@@ -274,7 +274,8 @@ def main() -> None:
                         help="also time float bf16 and ours with the whole step captured in a CUDA graph")
     parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")
     parser.add_argument("--reference", action="store_true", help="ours on the pure-torch fake-quant path")
-    parser.add_argument("--only", default=None, help="run only variants whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only variants whose name contains this (several: separated by commas)")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                         help="of the float baseline and our QAT steps (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs)")
@@ -294,7 +295,8 @@ def main() -> None:
     baseline = f"float {precision}"
     variants = variants_for(precision, args.compile, args.cuda_graph and device.type == "cuda")
     if args.only:
-        variants = [v for v in variants if args.only in v.name or v.name == baseline]
+        wanted = args.only.split(",")
+        variants = [v for v in variants if any(w in v.name for w in wanted) or v.name == baseline]
     with fused_kernels(False) if args.reference else contextlib.nullcontext():
         rows = run(variants, setup, args)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
