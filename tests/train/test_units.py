@@ -18,7 +18,7 @@ from qat.models import build_model
 from qat.quant.fake_quantize import QuantizerBase
 from qat.train.callbacks import QATSchedule
 from qat.train.evaluate import VariantResult
-from qat.train.module import LitClassifier, distillation_loss, observers_paused
+from qat.train.module import LitClassifier, distillation_loss, observers_paused, one_graph_under_ddp
 from qat.train.optim import build_optimizer, build_scheduler, parameter_groups
 from qat.train.report import RunSummary, write_summary
 from qat.train.settings import DistillSettings, OptimizerSettings, SchedulerSettings
@@ -203,3 +203,16 @@ def test_compiled_training_steps_equal_eager_and_keep_the_state_dict_keys():
     assert list(state) == list(eager_state)
     for key, value in eager_state.items():  # the observers moved the same way
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_steps_turn_the_ddp_graph_split_off_only_inside_the_step():
+    """dynamo's optimize_ddp is off while a compiled step runs (and compiles), and restored after it, also when
+    the step raises."""
+    config = torch._dynamo.config
+    before = config.optimize_ddp
+    with one_graph_under_ddp():
+        assert config.optimize_ddp is False
+    assert config.optimize_ddp == before
+    with pytest.raises(RuntimeError, match="step failed"), one_graph_under_ddp():
+        raise RuntimeError("step failed")
+    assert config.optimize_ddp == before
