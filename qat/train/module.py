@@ -60,7 +60,7 @@ def one_graph_under_ddp() -> Iterator[None]:
     """dynamo's DDPOptimizer off inside the block (dynamo reads the flag whenever it compiles a frame). Under DDP
     it would split a compiled step at gradient-bucket boundaries, and with calibrated quantizers (buffers updated
     in place) the split graphs' backward fails ("modified by an inplace operation"). One graph instead: DDP's
-    reducer syncs the gradients after the backward. About 4 us per step, where `torch._dynamo.config.patch` takes ~80."""
+    reducer syncs the gradients after the backward. About 4 us per step (`torch._dynamo.config.patch`: ~80)."""
     config = torch._dynamo.config
     previous, config.optimize_ddp = config.optimize_ddp, False
     try:
