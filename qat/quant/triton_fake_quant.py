@@ -212,6 +212,11 @@ def _options(traced: bool) -> dict:
     return {} if traced else NO_FMA
 
 
+def _streaming_warps(block: int) -> int:
+    """Warps of the forward and bits-backward kernels: 8 for blocks of 2048 elements and more."""
+    return 8 if block >= 2048 else 4
+
+
 def _bits_bytes(rows: int, block: int, n_blocks: int) -> int:
     """Size of the forward's mask bits: BLOCK / 8 bytes per program."""
     return rows * n_blocks * block // 8
@@ -227,7 +232,7 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
         x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, LEARNED=grid.learned,
         HAS_ZERO=zero_point is not None, RELU=grid.relu, SAVE_BITS=save_bits, BLOCK=block,
-        num_warps=8 if block >= 2048 else 4, **_options(traced),
+        num_warps=_streaming_warps(block), **_options(traced),
     )
     return y, bits
 
@@ -256,7 +261,7 @@ def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, trace
     grad_x = layout.empty()
     row_len, block, n_blocks = _launch_shape(grad_x, rows)
     _launcher(_bits_backward_kernel, traced)[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
-                                                                 num_warps=8 if block >= 2048 else 4)
+                                                                 num_warps=_streaming_warps(block))
     return grad_x
 
 
@@ -277,6 +282,14 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     )
     sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums
+
+
+def _qparam_gradients(sums: Tensor | None, scale: Tensor, zero_point: Tensor | None, scale_grad: bool,
+                      zero_grad: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The scale's and zero point's gradients (each None unless asked for) from the backward's sums (2, rows)."""
+    grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
+    grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
+    return grad_scale, grad_zero
 
 
 class _FusedFakeQuantize(torch.autograd.Function):
@@ -302,9 +315,7 @@ class _FusedFakeQuantize(torch.autograd.Function):
         x, scale, zero_point = ctx.saved_tensors
         scale_grad, zero_grad = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         grad_x, sums = _backward(grad, x, scale, zero_point, ctx.rows, ctx.grid, scale_grad, zero_grad)
-        grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
-        grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
-        return grad_x, grad_scale, grad_zero, None, None
+        return (grad_x, *_qparam_gradients(sums, scale, zero_point, scale_grad, zero_grad), None, None)
 
 
 # torch.compile sees the kernels as operators with the autograd function's arithmetic. Fixed qparams: the forward
@@ -385,9 +396,8 @@ def _setup_lsq_fake_quantize_op(ctx, inputs, output):
 def _lsq_fake_quantize_op_backward(ctx, grad_y):
     x, scale, zero_point = ctx.saved_tensors
     grad_x, sums = torch.ops.qat.fused_lsq_backward(grad_y, x, scale, zero_point, *ctx.arguments)
-    grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if ctx.needs_input_grad[1] else None
-    grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if ctx.needs_input_grad[2] else None
-    return (grad_x, grad_scale, grad_zero) + (None,) * 6
+    qparam_grads = _qparam_gradients(sums, scale, zero_point, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+    return (grad_x, *qparam_grads) + (None,) * 6
 
 
 _lsq_fake_quantize_op.register_autograd(_lsq_fake_quantize_op_backward, setup_context=_setup_lsq_fake_quantize_op)
