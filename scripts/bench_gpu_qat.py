@@ -13,8 +13,10 @@ batch, channels_last. Rows: float fp32, float under bf16 autocast, torch.ao ``pr
 qconfig, fp32), ours W8A8 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned,
 observers off), both under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``;
 with ``--cuda-graph`` also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead:
-the GPU's work). Times are medians of CUDA-event-timed steps after warm-up (on the CPU: wall-clock, the
-variants' steps taken in turn); the ratio is against float bf16 (eager).
+the GPU's work). Every variant is built and warmed up first; then the variants take turns, one block of
+``--block`` back-to-back steps each (CUDA events around the block; on the CPU one wall-clock step), until each
+has taken ``--iters`` steps. A row is the median of its blocks' ms per step, so a slow spell of the host slows
+every variant alike; the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """
@@ -167,24 +169,22 @@ def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], No
     return step
 
 
-def median_ms(step: Callable[[], None], device: torch.device, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        step()
+def time_block_ms(step: Callable[[], None], device: torch.device, steps: int) -> float:
+    """Mean ms per step over `steps` back-to-back steps. On CUDA the steps are queued as in training (the host
+    runs ahead of the device) between two events; on the CPU, wall-clock."""
     if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
+        start = time.perf_counter()
+        for _ in range(steps):
             step()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return (time.perf_counter() - start) * 1e3 / steps
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    for start, end in events:  # back to back, as in training: the host runs ahead of the device
-        start.record()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
         step()
-        end.record()
+    end.record()
     torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in events)
+    return start.elapsed_time(end) / steps
 
 
 def profile(name: str, step: Callable[[], None], device: torch.device, steps: int = 5) -> None:
@@ -205,41 +205,24 @@ def profile(name: str, step: Callable[[], None], device: torch.device, steps: in
 
 
 def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
-    if setup.device.type == "cpu":
-        return run_round_robin(variants, setup, args)
-    rows = []
-    for variant in variants:
-        model = variant.build(setup)
-        if variant.compiled:
-            model = torch.compile(model, mode=args.compile_mode)
-        step = (make_graphed_step if variant.graphed else make_step)(model, setup, variant.autocast)
-        rows.append((variant.name, median_ms(step, setup.device, args.iters, args.warmup)))
-        print(f"{variant.name}: {rows[-1][1]:.2f} ms/step", file=sys.stderr)
-        if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
-            profile(variant.name, step, setup.device)
-        del model, step
-        if setup.device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-def run_round_robin(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
-    """CPU: one step of each variant in turn, `iters` rounds, so a busy spell of a shared machine slows every
-    variant alike; median wall-clock ms per variant."""
+    """Build and warm up every variant, then time them in turn: rounds of one block of steps per variant, so a
+    slow spell of a shared host (or a GPU clock change) slows every variant alike. A row is the median over
+    its blocks of the mean ms per step (blocks of `--block` steps on CUDA, single steps on the CPU)."""
+    block = args.block if setup.device.type == "cuda" else 1
     steps = {}
     for variant in variants:
         model = variant.build(setup)
         model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
-        steps[variant.name] = make_step(model, setup, variant.autocast)
+        steps[variant.name] = (make_graphed_step if variant.graphed else make_step)(model, setup, variant.autocast)
         for _ in range(args.warmup):
             steps[variant.name]()
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.iters):
+    for _ in range(max(1, args.iters // block)):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append(time_block_ms(step, setup.device, block))
     rows = [(name, statistics.median(t)) for name, t in times.items()]
+    for name, ms in rows:
+        print(f"{name}: {ms:.2f} ms/step (blocks: {' '.join(f'{t:.2f}' for t in times[name])})", file=sys.stderr)
     for variant in variants:
         if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
             profile(variant.name, steps[variant.name], setup.device)
@@ -266,6 +249,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--block", type=int, default=5,
+                        help="CUDA: steps per timed block; variants take turns block by block (--iters in all)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compile", action="store_true", help="also time float bf16 and ours under torch.compile")
     parser.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
