@@ -1,0 +1,75 @@
+"""Count the kernels and operator calls of one compiled training step (forward + backward), on the CPU.
+
+    python scripts/count_compiled_kernels.py --model resnet18 --preset w8a8
+    python scripts/count_compiled_kernels.py --model resnet50 --preset float
+
+In default mode a compiled step launches each kernel from Python, so a QAT step whose GPU work is small pays in
+launches (see BENCHMARKS.md, session 13). This script compiles the step with inductor for the CPU, our fake-quant
+routed as on a GPU (the Triton operators, run by Triton's interpreter), and counts the calls in the generated
+code's ``call`` functions: inductor's fused kernels, extern kernels (convolutions, matmuls) and operators. The
+counts approximate the GPU's (inductor's fusion is the same; a GPU splits some large reductions in two).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from torch._inductor.utils import run_and_get_code  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qat  # noqa: E402
+from qat.quant import affine  # noqa: E402
+
+CALL = re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+|aten\.[\w.]+)\(", re.M)
+
+
+def kernel_calls(code: str) -> collections.Counter:
+    """The calls in a generated module's ``call`` function, by kind (inductor's own kernels as one kind)."""
+    body = code[code.index("def call("):]
+    body = body.split("\n\ndef ", 1)[0]
+    return collections.Counter("inductor kernel" if c.startswith("cpp_fused") else c for c in CALL.findall(body))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18", help="a torchvision model name")
+    parser.add_argument("--preset", default="w8a8", help="a QuantConfig preset, or float")
+    parser.add_argument("--image-size", type=int, default=32)
+    args = parser.parse_args()
+    affine._kernel_input = lambda x: True  # CPU tensors take the GPU's route (the Triton operators, interpreted)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)(num_classes=10).to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 10, (4,))
+    if args.preset != "float":
+        model = qat.prepare(model, qat.QuantConfig.preset(args.preset), example_inputs=(x[:2],))
+        qat.calibrate(model, [x], freeze=args.preset != "w8a8")  # w8a8: observers on, as in early QAT
+        model.train()
+    compiled = torch.compile(model)
+
+    def step() -> None:
+        F.cross_entropy(compiled(x), target).backward()
+
+    step()  # compile
+    _, codes = run_and_get_code(step)
+    total = 0
+    for name, code in zip(("forward", "backward"), codes):
+        calls = kernel_calls(code)
+        total += sum(calls.values())
+        print(f"{name}: {sum(calls.values())} calls: " + ", ".join(f"{k} {n}" for k, n in calls.most_common()))
+    print(f"{args.model} {args.preset}: {total} calls per step")
+
+
+if __name__ == "__main__":
+    main()
