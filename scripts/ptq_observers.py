@@ -47,7 +47,7 @@ def main() -> None:
     calibration = [normalize(torch.from_numpy(train.images[order[i:i + 128]]), CIFAR10_MEAN, CIFAR10_STD)
                    for i in range(0, 1024, 128)]
     print(f"ResNet-20, {sum(len(b[1]) for b in test)} test images ({args.source}), int8 backend {args.backend}")
-    print(f"| observer | fake-quant top-1 | int8 top-1 | int8 = fake-quant top-1 |\n| --- | ---: | ---: | ---: |")
+    print("| observer | fake-quant top-1 | int8 top-1 | int8 = fake-quant top-1 |\n| --- | ---: | ---: | ---: |")
     print(f"| float32 | {top1_and_agreement(model, None, test)[0]:.2f} | | |")
     for method, kwargs in OBSERVERS:
         prepared = prepare(model, QuantConfig(activation=QuantizerConfig(A8_AFFINE, method, **kwargs)), (calibration[0],))

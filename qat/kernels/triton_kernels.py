@@ -730,7 +730,7 @@ def conv_rows(x: Tensor, x_qp: ActQParams, w: Tensor, pixel: int, row_bytes: int
     of the row kernel) and ``pixel`` channels per tap, K_pad a multiple of every tile's K step.
     """
     batch, c, h, wd = x.shape
-    (kh, kw), (ho, wo) = kernel, conv_output_size((h, wd), kernel, stride, padding, (1, 1))
+    kh, (ho, wo) = kernel[0], conv_output_size((h, wd), kernel, stride, padding, (1, 1))
     hp, wp = h + 2 * padding[0], -(-(wd + 2 * padding[1]) // 4) * 4
     pixels, row_stride = batch * hp * wp, wp * pixel
     k_loop = w.shape[1]
