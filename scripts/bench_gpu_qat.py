@@ -13,10 +13,10 @@ batch, channels_last. Rows: float fp32, float under bf16 autocast, torch.ao ``pr
 qconfig, fp32), ours W8A8 (observers updating every step, as in early QAT) and ours W4A4 LSQ (ranges learned,
 observers off), both under bf16 autocast; with ``--compile`` also float bf16 and ours under ``torch.compile``;
 with ``--cuda-graph`` also float bf16 and ours with the whole step captured in one CUDA graph (no host overhead:
-the GPU's work). Every variant is built (all stay in memory) and warmed up first; then the variants take turns, one block of
-``--block`` back-to-back steps each (CUDA events around the block; on the CPU one wall-clock step), until each
-has taken ``--iters`` steps. A row is the median of its blocks' ms per step, so a slow spell of the host slows
-every variant alike; the ratio is against float bf16 (eager).
+the GPU's work). Every variant is built (all stay in memory) and warmed up first; then the variants take
+turns, one block of ``--block`` back-to-back steps each (CUDA events around the block; on the CPU one wall-clock
+step), until each has taken ``--iters`` steps. A row is the median of its blocks' ms per step, so a slow spell of
+the host slows every variant alike; the ratio is against float bf16 (eager).
 ``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """
