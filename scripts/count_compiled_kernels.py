@@ -1,4 +1,4 @@
-"""Count the kernels and operator calls of one compiled training step (forward + backward), on the CPU.
+"""Count the kernels and operator calls of one compiled training step (forward + backward).
 
     python scripts/count_compiled_kernels.py --model resnet18 --preset w8a8
     python scripts/count_compiled_kernels.py --model resnet50 --preset float
@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-if "cuda" not in sys.argv:
+if not any("cuda" in arg for arg in sys.argv[1:]):
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors through the Triton operators
 os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
 
@@ -35,18 +35,20 @@ import qat  # noqa: E402
 from qat.quant import affine  # noqa: E402
 
 CALL = re.compile(
-    r"^\s+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+|aten\.[\w.]+|\w+\.run)\(", re.M
+    r"^[ \t]+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+|aten\.[\w.]+|\w+\.run)\(", re.M
 )
+# the wrapper's functions (top level, or methods of its Runner class), each up to the next def or class
+RUNNER = re.compile(r"^([ \t]*)def (call|partition_\d+)\(.*?(?=^[ \t]*def |^class |\Z)", re.M | re.S)
 INDUCTOR_KERNEL = re.compile(r"^(cpp_fused_|triton_(poi|red|per|tem)_)")
 
 
 def kernel_calls(code: str) -> collections.Counter:
-    """The calls in a generated module's ``call`` function, by kind (inductor's own kernels as one kind)."""
-    body = code[code.index("def call("):]
-    body = body.split("\n\ndef ", 1)[0]
+    """The calls in a generated module's ``call`` function (and its graph partitions, where inductor made any),
+    by kind (inductor's own kernels as one kind)."""
+    bodies = [match.group(0) for match in RUNNER.finditer(code)]
     return collections.Counter(
         "inductor kernel" if INDUCTOR_KERNEL.match(c) else re.sub(r"(_\d+)?\.run$", "", c)  # _forward_kernel_3.run
-        for c in CALL.findall(body)
+        for body in bodies for c in CALL.findall(body)
     )
 
 
