@@ -17,7 +17,7 @@ the GPU's work). Every variant is built (all stay in memory) and warmed up first
 turns, one block of ``--block`` back-to-back steps each (CUDA events around the block; on the CPU one wall-clock
 step), until each has taken ``--iters`` steps. A row is the median of its blocks' ms per step, so a slow spell of
 the host slows every variant alike; the ratio is against float bf16 (eager).
-``--profile`` prints torch.profiler's top kernels of each QAT variant; ``--reference`` runs ours on the
+``--profile`` prints torch.profiler's tables of each variant but torch.ao's; ``--reference`` runs ours on the
 pure-torch fake-quant path instead of the fused Triton kernels.
 """
 from __future__ import annotations
@@ -71,7 +71,6 @@ class Variant:
     build: Callable[[Setup], nn.Module]
     autocast: bool
     compiled: bool = False
-    qat: bool = False
     graphed: bool = False  # the whole step (forward, backward, SGD) captured once in a CUDA graph and replayed
 
 
@@ -102,25 +101,25 @@ def variants_for(precision: str, compiled: bool, graphed: bool = False) -> list[
     rows = [Variant("float fp32", build_float, autocast=False)]
     rows += [Variant("float bf16", build_float, autocast=True)] if low else []
     rows += [
-        Variant("torch.ao QAT fp32 (x86 qconfig)", build_torch_ao, autocast=False, qat=True),
-        Variant(f"ours W8A8 {precision}", build_ours("w8a8", observers_on=True), autocast=low, qat=True),
-        Variant(f"ours W4A4 LSQ {precision}", build_ours("w4a4_lsq", observers_on=False), autocast=low, qat=True),
+        Variant("torch.ao QAT fp32 (x86 qconfig)", build_torch_ao, autocast=False),
+        Variant(f"ours W8A8 {precision}", build_ours("w8a8", observers_on=True), autocast=low),
+        Variant(f"ours W4A4 LSQ {precision}", build_ours("w4a4_lsq", observers_on=False), autocast=low),
     ]
     if compiled:
         rows += [
             Variant(f"float {precision} compiled", build_float, autocast=low, compiled=True),
             Variant(f"ours W8A8 {precision} compiled", build_ours("w8a8", observers_on=True), autocast=low,
-                    compiled=True, qat=True),
+                    compiled=True),
             Variant(f"ours W4A4 LSQ {precision} compiled", build_ours("w4a4_lsq", observers_on=False), autocast=low,
-                    compiled=True, qat=True),
+                    compiled=True),
         ]
     if graphed:
         rows += [
             Variant(f"float {precision} CUDA graph", build_float, autocast=low, graphed=True),
             Variant(f"ours W8A8 {precision} CUDA graph", build_ours("w8a8", observers_on=True), autocast=low,
-                    graphed=True, qat=True),
+                    graphed=True),
             Variant(f"ours W4A4 LSQ {precision} CUDA graph", build_ours("w4a4_lsq", observers_on=False),
-                    autocast=low, graphed=True, qat=True),
+                    autocast=low, graphed=True),
         ]
     return rows
 
@@ -224,7 +223,7 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
     for name, ms in rows:
         print(f"{name}: {ms:.2f} ms/step (blocks: {' '.join(f'{t:.2f}' for t in times[name])})", file=sys.stderr)
     for variant in variants:
-        if args.profile and variant.qat and not variant.name.startswith("torch.ao"):
+        if args.profile and not variant.name.startswith("torch.ao"):
             profile(variant.name, steps[variant.name], setup.device)
     return rows
 
@@ -257,7 +256,8 @@ def main() -> None:
                         help="torch.compile's mode for every compiled variant (reduce-overhead: CUDA graphs)")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="also time float bf16 and ours with the whole step captured in a CUDA graph")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of our QAT steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top kernels and host-side ops of every variant but torch.ao's")
     parser.add_argument("--reference", action="store_true", help="ours on the pure-torch fake-quant path")
     parser.add_argument("--only", default=None,
                         help="run only variants whose name contains this (several: separated by commas)")
