@@ -20,25 +20,11 @@ import re
 import sys
 from pathlib import Path
 
-if not any("cuda" in arg for arg in sys.argv[1:]):
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: CPU tensors through the Triton operators
-os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torchvision  # noqa: E402
-from torch._inductor.utils import run_and_get_code  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qat  # noqa: E402
-from qat.quant import affine  # noqa: E402
-
 CALL = re.compile(
     r"^[ \t]+(?:\w+ = )?(cpp_fused_\w+|extern_kernels\.\w+|torch\.ops\.[\w.]+|aten\.[\w.]+|\w+\.run)\(", re.M
 )
 # the wrapper's functions (top level, or methods of its Runner class), each up to the next def or class
-RUNNER = re.compile(r"^([ \t]*)def (call|partition_\d+)\(.*?(?=^[ \t]*def |^class |\Z)", re.M | re.S)
+RUNNER = re.compile(r"^[ \t]*def (?:call|partition_\d+)\(.*?(?=^[ \t]*def |^class |\Z)", re.M | re.S)
 INDUCTOR_KERNEL = re.compile(r"^(cpp_fused_|triton_(poi|red|per|tem)_)")
 
 
@@ -60,6 +46,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
+    if args.device == "cpu":  # CPU tensors through the Triton operators: the interpreter, set before triton loads
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("QAT_TRITON_AUTOTUNE", "0")
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torch._inductor.utils import run_and_get_code
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import qat
+    from qat.quant import affine
+
     if args.device == "cpu":
         affine._kernel_input = lambda x: True  # CPU tensors take the GPU's route (the Triton operators, interpreted)
     torch.manual_seed(0)
