@@ -380,8 +380,9 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset):
         losses[compiled] = _sgd_losses(net, run, x, target, batches=[8, 5, 8, 3, 8])
     assert losses[False][-1] < losses[False][0]  # it trains
     # the CPU runs the same kernels (weights: the formula, equal to them) without code generation; inductor on
-    # CUDA reorders the float arithmetic around them (BN, the convs)
-    rtol, atol = (2e-3, 1e-4) if ON_CUDA else (1e-5, 1e-6)
+    # CUDA reorders the float arithmetic around them (BN, the convs), and at 4 bits a value that lands on the other
+    # side of a rounding boundary moves the next losses by ~1e-3 (measured on an H200: 2.9e-3 at step 5)
+    rtol, atol = {"w8a8": (2e-3, 1e-4), "w4a4_lsq": (1e-2, 1e-3)}[preset] if ON_CUDA else (1e-5, 1e-6)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
     if not ON_CUDA:  # one operator per per-tensor (activation) quantizer; per-channel weights take the formula
         quantizers = [m for m in prepared.modules() if isinstance(m, QuantizerBase)]
