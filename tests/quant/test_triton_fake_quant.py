@@ -237,8 +237,7 @@ def _op_samples() -> dict[str, tuple]:
 
 
 @pytest.mark.parametrize("case", ["per_tensor_relu", "per_tensor_16_channels", "per_channel", "bits_backward",
-                                  "lsq_plus_per_tensor_relu",
-                                  "lsq_per_channel", "lsq_backward"])
+                                  "lsq_plus_per_tensor_relu", "lsq_per_channel", "lsq_backward"])
 def test_compiler_operators_pass_opcheck(fused_module, case):
     """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
     with dynamic shapes give the eager results."""
@@ -311,7 +310,7 @@ def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu, shap
         return fused_module.fake_quantize(x, scale, zero, spec, relu=relu)
 
     graphs = []
-    torch._dynamo.reset()  # static shapes: after another shape of `function`, dynamo would mark the changed dims dynamic
+    torch._dynamo.reset()  # static shapes: after another shape of `function` dynamo would make the changed dims dynamic
     compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True, dynamic=False)
     (y, grad_x), (y_eager, grad_x_eager) = _output_and_gradient(compiled, x), _output_and_gradient(function, x)
     assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
