@@ -7,6 +7,7 @@ pass). Once BN uses running statistics (eval, or
 frozen in training) the layer computes conv(x, fq(w * gamma / std)) + folded bias directly: the same
 function, and the same arithmetic the int8 conv performs.
 
+>>> from qat.quant.spec import QuantSpec
 >>> conv = torch.nn.Conv2d(3, 8, 3)
 >>> bn = torch.nn.BatchNorm2d(8).eval()
 >>> q = QConv.from_float(conv, QuantizerConfig(QuantSpec(symmetric=True, granularity="per_channel")), bn, "relu")
@@ -26,7 +27,6 @@ from torch import nn
 from qat.quant import affine
 from qat.quant.config import QuantizerConfig
 from qat.quant.fake_quantize import QuantizerBase
-from qat.quant.spec import QuantSpec
 
 # fused activation name -> (function, upper clip or None); int8 kernels clamp codes to the same bounds
 FUSED_ACTIVATIONS = {

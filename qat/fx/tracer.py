@@ -10,7 +10,6 @@ import fnmatch
 import traceback
 from dataclasses import dataclass
 
-import torch
 import torchvision
 from torch import fx, nn
 
