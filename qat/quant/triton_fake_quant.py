@@ -22,7 +22,6 @@ outermost in memory (weights on axis 0, any per-tensor tensor); otherwise the ch
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from qat.quant.affine import SCALE_EPS, is_dense, storage_order
+from qat.quant.affine import SCALE_EPS, is_dense
 from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
@@ -320,10 +319,8 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
 
 # torch.compile sees the kernels as operators with the autograd function's arithmetic. Fixed qparams: the forward
-# (y and the mask bits) is an operator; its backward unpacks the bits with torch ops, which inductor fuses into
-# the gradient's next kernels (or, for layouts that do not fill whole bytes along the innermost dim, is the bits
-# backward operator). LSQ / LSQ+: the forward (y) and the backward (grad_x and the qparams' gradient
-# sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
+# (y and the mask bits) and the bits backward. LSQ / LSQ+: the forward (y) and the backward (grad_x and the
+# qparams' gradient sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
 # Python dispatch per call). Triton's interpreter cannot be traced: there they are opaque `custom_op`s with fake
 # (shape-only) implementations, which the CPU tests check. Eager mode keeps `_FusedFakeQuantize`, whose dispatch
 # costs less host time.
@@ -355,44 +352,16 @@ def _fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Tensor, rows: int, q
 def _setup_fake_quantize_op(ctx, inputs, output):
     x, rows = inputs[0], inputs[3]
     ctx.save_for_backward(output[1])
-    order = storage_order(x)  # size-1 dims first: they do not move an address, and the innermost is then a real one
-    ctx.order = [d for d in order if x.shape[d] == 1] + [d for d in order if x.shape[d] != 1]
     ctx.rows, ctx.stride = rows, x.stride()
 
 
 def _fake_quantize_op_backward(ctx, grad_y, _grad_bits):
-    """Where x's innermost dim in memory has a static size that fills whole bytes (channels_last activations),
-    torch ops that inductor fuses into the kernels reading the gradient next (the folded BN's backward): grad_x is
-    never written out. Else the bits-backward kernel: the general unpacking's index arithmetic (flat index // 8
-    and % 8 over the permuted dims) stalls inductor's sympy simplification with dynamic shapes."""
     (bits,) = ctx.saved_tensors
-    innermost = grad_y.shape[ctx.order[-1]]
-    if isinstance(innermost, int) and innermost % 8 == 0:
-        passes = unpacked_bits(bits, grad_y.shape, ctx.order, ctx.rows)
-        grad_x = torch.where(passes, grad_y, 0)
-    else:
-        grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
+    grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
     return (grad_x,) + (None,) * 6
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_op_backward, setup_context=_setup_fake_quantize_op)
-
-
-def unpacked_bits(bits: Tensor, shape: Sequence[int], order: Sequence[int], rows: int) -> Tensor:
-    """The forward's gradient mask, packed in `bits`, as a bool tensor of x's `shape` (`order`: x's dims in
-    memory order, see :func:`qat.quant.affine.storage_order`, the innermost of a size divisible by 8; `rows`:
-    as in the forward). Each byte holds 8 neighbours along the innermost dim.
-
-    >>> bits = torch.tensor([0b00000110, 0b10000000], dtype=torch.uint8)  # elements 1, 2 and 15 pass
-    >>> unpacked_bits(bits, (2, 8), (0, 1), rows=1).nonzero().tolist()
-    [[0, 1], [0, 2], [1, 7]]
-    """
-    *outer, innermost = (shape[d] for d in order)
-    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-    row_bytes = bits.view(rows, -1)[:, : math.prod(shape) // rows // 8]  # (rows, bytes of a row's elements)
-    flags = (row_bytes.reshape(*outer, innermost // 8, 1) >> shifts) & 1  # (..., innermost / 8, 8): bit j of byte k
-    in_memory_order = flags.reshape(*outer, innermost)
-    return in_memory_order.permute(sorted(range(len(order)), key=order.__getitem__)) != 0  # back to x's dims
 
 
 def _bits_backward_fake(grad, bits, rows, stride):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import qat
-from qat.quant.affine import fake_quantize, fused_kernels, storage_order
+from qat.quant.affine import fake_quantize, fused_kernels
 from qat.quant.fake_quantize import QuantizerBase
 from qat.quant.learnable import lsq_fake_quantize, lsq_grad_scale
 from qat.quant.spec import Granularity, QuantSpec
@@ -215,7 +215,6 @@ def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
 def _op_samples() -> dict[str, tuple]:
     """Arguments for each torch.compile operator of the fused kernels (channels_last x; a folded ReLU)."""
     x = torch.randn(4, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    x16 = torch.randn(4, 16, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)  # whole bytes
     scale, zero = torch.tensor([0.05], device=DEVICE), torch.tensor([10], device=DEVICE, dtype=torch.int32)
     channel_scale = torch.full((4,), 0.03, device=DEVICE)
     channel_zero = torch.zeros(4, device=DEVICE, dtype=torch.int32)
@@ -223,7 +222,6 @@ def _op_samples() -> dict[str, tuple]:
     learned_zero = torch.tensor([9.6], device=DEVICE)
     return {
         "per_tensor_relu": (torch.ops.qat.fused_fake_quantize, (_leaf(x), scale, zero, 1, 0, 255, True)),
-        "per_tensor_16_channels": (torch.ops.qat.fused_fake_quantize, (_leaf(x16), scale, zero, 1, 0, 255, False)),
         "per_channel": (torch.ops.qat.fused_fake_quantize, (_leaf(x), channel_scale, channel_zero, 4, -7, 7, False)),
         "bits_backward": (torch.ops.qat.fused_fake_quantize_bits_backward,
                           (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, list(x.stride()))),
@@ -236,8 +234,8 @@ def _op_samples() -> dict[str, tuple]:
     }
 
 
-@pytest.mark.parametrize("case", ["per_tensor_relu", "per_tensor_16_channels", "per_channel", "bits_backward",
-                                  "lsq_plus_per_tensor_relu", "lsq_per_channel", "lsq_backward"])
+@pytest.mark.parametrize("case", ["per_tensor_relu", "per_channel", "bits_backward", "lsq_plus_per_tensor_relu",
+                                  "lsq_per_channel", "lsq_backward"])
 def test_compiler_operators_pass_opcheck(fused_module, case):
     """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
     with dynamic shapes give the eager results."""
@@ -289,18 +287,15 @@ def _output_and_gradient(function, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return y, x_leaf.grad
 
 
-@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 16, 5, 5), (4, 16, 1, 1)], ids=["c3", "c16", "c16_1x1"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("name", AFFINE_SPECS)
-def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu, shape):
-    """Under torch.compile (fullgraph: no graph break) the forward graph runs the fused kernel, with the eager
-    values and gradients, bit for bit. The backward unpacks the saved mask bits with torch ops where the
-    innermost dim in memory (of size > 1) fills whole bytes (channels_last with 16 channels; "u8_ch1" moves its
-    channels first into a contiguous copy, whose innermost dim has 5 or 4), else runs the bits-backward kernel."""
+def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
+    """Under torch.compile (fullgraph: no graph break) the forward and backward graphs run the fused kernels,
+    with the eager values and gradients, bit for bit."""
     spec = AFFINE_SPECS[name]
-    channels = shape[1]
-    rows = shape[spec.axis] if spec.is_per_channel else 1
-    scale = (torch.rand(rows) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
+    shape = (4, 3, 5, 5)
+    channels = shape[spec.axis] if spec.is_per_channel else 1
+    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
     x = _input(shape, scale, spec, torch.float32)
     scale = scale.to(DEVICE)
     zero = torch.randint(0, 5, scale.shape, dtype=torch.int32, device=DEVICE) if not spec.symmetric else \
@@ -310,34 +305,13 @@ def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu, shap
         return fused_module.fake_quantize(x, scale, zero, spec, relu=relu)
 
     graphs = []
-    torch._dynamo.reset()  # static shapes: after another shape of `function` dynamo would make the changed dims dynamic
-    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True, dynamic=False)
+    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
     (y, grad_x), (y_eager, grad_x_eager) = _output_and_gradient(compiled, x), _output_and_gradient(function, x)
     assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
     assert 0 < int((grad_x_eager == 0).sum()) < x.numel()  # some values clip, others pass
     forward, backward = graphs
     assert _fused_calls(forward) == ["_forward_kernel"]
-    by_torch_ops = channels % 8 == 0 and name != "u8_ch1"
-    assert _fused_calls(backward) == ([] if by_torch_ops else ["_bits_backward_kernel"])
-    shifts = any(node.target is torch.ops.aten.__rshift__.Tensor for node in backward.graph.nodes)
-    assert shifts == by_torch_ops
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("rows", [1, 4])
-def test_unpacked_bits_are_the_mask_of_the_bits_backward(fused_module, memory_format, rows):
-    """The compiled backward's mask (torch ops on the forward's bits) is the mask the eager bits-backward kernel
-    applies, in both dense layouts (innermost dims of 8 and 16), also where rows of 192 elements are padded to
-    blocks of 256."""
-    x = torch.randn(2, 16, 3, 8, device=DEVICE).contiguous(memory_format=memory_format)
-    scale = torch.full((rows,), 0.1, device=DEVICE)
-    zero = torch.full((rows,), 3, dtype=torch.int32, device=DEVICE)
-    _, bits = torch.ops.qat.fused_fake_quantize(x, scale, zero, rows, 0, 15, True)
-    layout = fused_module._Layout(x.shape, x.stride(), x.dtype, x.device)
-    kernel_mask = fused_module._bits_backward(torch.ones_like(x), bits, layout, rows) != 0
-    mask = fused_module.unpacked_bits(bits, x.shape, storage_order(x), rows)
-    assert torch.equal(mask, kernel_mask)
-    assert bool(mask[x > 0.1].any()) and not bool(mask[x <= 0].any()) and not bool(mask[x > 1.3].any())
+    assert _fused_calls(backward) == ["_bits_backward_kernel"]
 
 
 @pytest.mark.parametrize("name", LSQ_SPECS)
@@ -416,7 +390,3 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset, dynamic):
         per_tensor = sum(q.spec.granularity is Granularity.PER_TENSOR for q in quantizers)
         assert per_tensor >= 3 and len(quantizers) > per_tensor
         assert _fused_calls(graphs[0]).count("_forward_kernel") == per_tensor
-        # the fixed-qparams backward: the bits-backward kernel with every dim symbolic, else torch ops (the
-        # activations' innermost dim, W = 8, fills whole bytes)
-        bits_kernels = sum(_fused_calls(graph).count("_bits_backward_kernel") for graph in graphs)
-        assert (bits_kernels > 0) == (preset == "w8a8" and dynamic is True)
