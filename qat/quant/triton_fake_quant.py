@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -242,22 +242,36 @@ def same_layout(grad: Tensor, like: Tensor) -> Tensor:
     return grad if grad.stride() == like.stride() else torch.empty_like(like, dtype=grad.dtype).copy_(grad)
 
 
+_CHANNELS_LAST_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """What the backward needs of x when autograd keeps only its mask bits."""
+    """What the backward needs of x when autograd keeps only its mask bits. x is dense (see
+    :func:`qat.quant.affine.is_dense`), so contiguous or in the channels_last format of its rank."""
 
     shape: torch.Size
-    stride: tuple[int, ...]
+    channels_last: bool
     dtype: torch.dtype
     device: torch.device
 
+    @classmethod
+    def of(cls, x: Tensor) -> _Layout:
+        return cls(x.shape, not x.is_contiguous(), x.dtype, x.device)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return _CHANNELS_LAST_FORMAT[len(self.shape)] if self.channels_last else torch.contiguous_format
+
     def empty(self) -> Tensor:
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        # torch.empty, not empty_strided: AOT autograd's CSE merges equal empty_strided calls, so quantizers of
+        # equally shaped activations would write one buffer, which inductor then clones (and torch 2.11's inductor
+        # fails to with a dynamic batch)
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=self.memory_format)
 
 
 def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, traced: bool = False) -> Tensor:
-    if grad.stride() != layout.stride:
-        grad = layout.empty().copy_(grad)  # x's memory order: one flat index addresses both
+    grad = grad.contiguous(memory_format=layout.memory_format)  # x's memory order: one flat index addresses both
     grad_x = layout.empty()
     row_len, block, n_blocks = _launch_shape(grad_x, rows)
     _launcher(_bits_backward_kernel, traced)[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
@@ -304,7 +318,7 @@ class _FusedFakeQuantize(torch.autograd.Function):
             ctx.save_for_backward(x, scale, zero_point)
         else:
             ctx.save_for_backward(bits)
-            ctx.layout = _Layout(x.shape, x.stride(), x.dtype, x.device)
+            ctx.layout = _Layout.of(x)
         return y
 
     @staticmethod
@@ -352,26 +366,26 @@ def _fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Tensor, rows: int, q
 def _setup_fake_quantize_op(ctx, inputs, output):
     x, rows = inputs[0], inputs[3]
     ctx.save_for_backward(output[1])
-    ctx.rows, ctx.stride = rows, x.stride()
+    ctx.rows, ctx.channels_last = rows, _Layout.of(x).channels_last
 
 
 def _fake_quantize_op_backward(ctx, grad_y, _grad_bits):
     (bits,) = ctx.saved_tensors
-    grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, list(ctx.stride))
+    grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, ctx.channels_last)
     return (grad_x,) + (None,) * 6
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_op_backward, setup_context=_setup_fake_quantize_op)
 
 
-def _bits_backward_fake(grad, bits, rows, stride):
-    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device)
+def _bits_backward_fake(grad, bits, rows, channels_last):
+    return _Layout(grad.shape, channels_last, grad.dtype, grad.device).empty()
 
 
 @_operator("qat::fused_fake_quantize_bits_backward", fake=_bits_backward_fake)
-def _bits_backward_op(grad: Tensor, bits: Tensor, rows: int, stride: Sequence[int]) -> Tensor:
-    """grad where the forward's bit is set, else 0, laid out with x's `stride`."""
-    layout = _Layout(grad.shape, tuple(stride), grad.dtype, grad.device)
+def _bits_backward_op(grad: Tensor, bits: Tensor, rows: int, channels_last: bool) -> Tensor:
+    """grad where the forward's bit is set, else 0, laid out as x was (contiguous, or `channels_last`)."""
+    layout = _Layout(grad.shape, channels_last, grad.dtype, grad.device)
     return _bits_backward(grad, bits, layout, rows, traced=True)
 
 

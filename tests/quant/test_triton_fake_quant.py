@@ -7,6 +7,7 @@ Triton's interpreter (TRITON_INTERPRET=1) on tiny CPU tensors; the interpreter s
 truncation instead of rounding to nearest, so there bfloat16 outputs are compared within one bfloat16 ulp.
 """
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -224,7 +225,7 @@ def _op_samples() -> dict[str, tuple]:
         "per_tensor_relu": (torch.ops.qat.fused_fake_quantize, (_leaf(x), scale, zero, 1, 0, 255, True)),
         "per_channel": (torch.ops.qat.fused_fake_quantize, (_leaf(x), channel_scale, channel_zero, 4, -7, 7, False)),
         "bits_backward": (torch.ops.qat.fused_fake_quantize_bits_backward,
-                          (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, list(x.stride()))),
+                          (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, False)),
         "lsq_plus_per_tensor_relu": (torch.ops.qat.fused_lsq_fake_quantize,
                                      (_leaf(x), _leaf(scale), _leaf(learned_zero), 1, 0, 15, 0.0, 0.1, True)),
         "lsq_per_channel": (torch.ops.qat.fused_lsq_fake_quantize,
@@ -365,9 +366,60 @@ def test_compiled_with_changing_batch_sizes_equals_eager(fused_module):
         assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_backward_buffers_of_equal_layouts_survive_cse(fused_module, memory_format):
+    """AOT autograd's CSE merges equal `empty_strided` calls; the bits backward's output buffers (one per
+    quantizer, equal for equally shaped activations) must stay apart, in x's memory format."""
+    from torch._functorch.aot_autograd import aot_function
+    from torch._functorch.compile_utils import fx_graph_cse
+    from torch._inductor.decomposition import select_decomp_table
+
+    x = torch.randn(4, 3, 5, 5).contiguous(memory_format=memory_format)
+    layout = fused_module._Layout.of(x)
+    allocations = []
+
+    def two_buffers(x):
+        first, second = layout.empty(), layout.empty()
+        assert first.stride() == second.stride() == x.stride()
+        return first.copy_(x) + 1, second.copy_(x) + 2
+
+    def count_allocations(graph_module, _):
+        graph = fx_graph_cse(graph_module.graph)
+        allocations.append(sum(node.op == "call_function" and "empty" in str(node.target) for node in graph.nodes))
+        return graph_module
+
+    aot_function(two_buffers, fw_compiler=count_allocations, decompositions=select_decomp_table())(x)
+    assert allocations == [2]
+
+
+@pytest.fixture
+def inductor_clones(monkeypatch) -> Iterator[list[tuple[str, list[str]]]]:
+    """(kernel, its arguments inductor clones before the kernel writes them) for each of our Triton launches
+    that inductor compiles while the test runs (caches off, so that every graph is compiled). A kernel writing a
+    fresh output buffer needs no clone: a clone is a wasted copy, and torch 2.11's inductor fails to make one
+    with a dynamic batch."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._inductor.fx_passes import post_grad
+
+    clones = []
+    decompose = post_grad.decompose_triton_kernel_wrapper_functional
+
+    def recording_decompose(graph):
+        for node in graph.find_nodes(op="call_function",
+                                     target=torch.ops.higher_order.triton_kernel_wrapper_functional):
+            if node.kwargs["tensors_to_clone"]:
+                kernel = kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+                clones.append((kernel, list(node.kwargs["tensors_to_clone"])))
+        return decompose(graph)
+
+    monkeypatch.setattr(post_grad, "decompose_triton_kernel_wrapper_functional", recording_decompose)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield clones
+
+
 @pytest.mark.parametrize("preset, dynamic", [("w8a8", True), ("w4a4_lsq", True), ("w8a8", None)],
                          ids=["w8a8", "w4a4_lsq", "w8a8_dynamic_batch"])
-def test_compiled_training_steps_match_eager(triton_on_cpu, preset, dynamic):
+def test_compiled_training_steps_match_eager(triton_on_cpu, inductor_clones, preset, dynamic):
     """A prepared Conv-BN-ReLU net compiled whole (fullgraph; every dim dynamic, or as dynamo chooses: the batch
     once it changes; inductor on CUDA, AOT autograd without code generation on the CPU) trains as it does
     eagerly: the same losses over a few SGD steps on batches of changing size."""
@@ -385,6 +437,8 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, preset, dynamic):
     # side of a rounding boundary moves the next losses by ~1e-3 (measured on an H200: 2.9e-3 at step 5)
     rtol, atol = {"w8a8": (2e-3, 1e-4), "w4a4_lsq": (1e-2, 1e-3)}[preset] if ON_CUDA else (1e-5, 1e-6)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
+    # CUDA: the two ReLUs' activations have one shape, and their backward kernels' outputs stay two buffers
+    assert inductor_clones == []
     if not ON_CUDA:  # one operator per per-tensor (activation) quantizer; per-channel weights take the formula
         quantizers = [m for m in prepared.modules() if isinstance(m, QuantizerBase)]
         per_tensor = sum(q.spec.granularity is Granularity.PER_TENSOR for q in quantizers)
