@@ -22,8 +22,9 @@ outermost in memory (weights on axis 0, any per-tensor tensor); otherwise the ch
 from __future__ import annotations
 
 import functools
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from qat.quant.affine import SCALE_EPS, is_dense
+from qat.quant.affine import SCALE_EPS, is_dense, storage_order
 from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
@@ -193,9 +194,10 @@ def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
     return max(MIN_BLOCK, min(max_block, triton.next_power_of_2(row_len)))
 
 
-def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
-    """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
-    row_len = x.numel() // rows
+def _launch_shape(numel: int, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
+    """(row length, block size, blocks per row) of `numel` elements in `rows`; the grid is one program per
+    (row, block), row-major."""
+    row_len = numel // rows
     block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
 
@@ -226,7 +228,7 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
              save_bits: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
     """(y, the gradient mask's bits or None)."""
     y = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x, rows)
+    row_len, block, n_blocks = _launch_shape(x.numel(), rows)
     bits = torch.empty(_bits_bytes(rows, block, n_blocks), device=x.device, dtype=torch.uint8) if save_bits else None
     _launcher(_forward_kernel, traced)[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
@@ -273,7 +275,7 @@ class _Layout:
 def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, traced: bool = False) -> Tensor:
     grad = grad.contiguous(memory_format=layout.memory_format)  # x's memory order: one flat index addresses both
     grad_x = layout.empty()
-    row_len, block, n_blocks = _launch_shape(grad_x, rows)
+    row_len, block, n_blocks = _launch_shape(grad_x.numel(), rows)
     _launcher(_bits_backward_kernel, traced)[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
                                                                  num_warps=_streaming_warps(block))
     return grad_x
@@ -284,7 +286,7 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     """(grad_x, sums (2, rows) of the scale / zero-point gradients (a row not asked for: unset), or None)."""
     grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
+    row_len, block, n_blocks = _launch_shape(x.numel(), rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
     _launcher(_backward_kernel, traced)[(rows * n_blocks,)](
@@ -333,8 +335,10 @@ class _FusedFakeQuantize(torch.autograd.Function):
 
 
 # torch.compile sees the kernels as operators with the autograd function's arithmetic. Fixed qparams: the forward
-# (y and the mask bits) and the bits backward. LSQ / LSQ+: the forward (y) and the backward (grad_x and the
-# qparams' gradient sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
+# (y and the mask bits) is an operator; its backward unpacks the bits with torch ops, which inductor fuses into
+# the gradient's next kernels (or, for layouts that do not fill whole bytes along the innermost dim, is the bits
+# backward operator). LSQ / LSQ+: the forward (y) and the backward (grad_x and the qparams' gradient
+# sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
 # Python dispatch per call). Triton's interpreter cannot be traced: there they are opaque `custom_op`s with fake
 # (shape-only) implementations, which the CPU tests check. Eager mode keeps `_FusedFakeQuantize`, whose dispatch
 # costs less host time.
@@ -351,7 +355,7 @@ def _operator(name: str, fake: Callable):
 
 
 def _fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, relu):
-    _, block, n_blocks = _launch_shape(x, rows)  # symbolic for a dynamic batch
+    _, block, n_blocks = _launch_shape(x.numel(), rows)  # symbolic for a dynamic batch
     return torch.empty_like(x), x.new_empty(_bits_bytes(rows, block, n_blocks), dtype=torch.uint8)
 
 
@@ -366,16 +370,46 @@ def _fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Tensor, rows: int, q
 def _setup_fake_quantize_op(ctx, inputs, output):
     x, rows = inputs[0], inputs[3]
     ctx.save_for_backward(output[1])
+    order = storage_order(x)  # size-1 dims first: they do not move an address, and the innermost is then a real one
+    ctx.order = [d for d in order if x.shape[d] == 1] + [d for d in order if x.shape[d] != 1]
     ctx.rows, ctx.channels_last = rows, _Layout.of(x).channels_last
 
 
 def _fake_quantize_op_backward(ctx, grad_y, _grad_bits):
+    """Where x's innermost dim in memory has a static size that fills whole bytes (channels_last activations),
+    torch ops that inductor fuses into the kernels reading the gradient next (the folded BN's backward): grad_x is
+    never written out. Else the bits-backward kernel: the general unpacking's index arithmetic (flat index // 8
+    and % 8 over the permuted dims) stalls inductor's sympy simplification with dynamic shapes. Torch 2.11's
+    inductor compiles this correctly for CUDA (measured on an H200, BENCHMARKS.md session 15); for the CPU it
+    misorders the fused kernels, but there these operators run only in tests, through Triton's interpreter."""
     (bits,) = ctx.saved_tensors
-    grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, ctx.channels_last)
+    innermost = grad_y.shape[ctx.order[-1]]
+    if isinstance(innermost, int) and innermost % 8 == 0:
+        passes = unpacked_bits(bits, grad_y.shape, ctx.order, ctx.rows)
+        grad_x = torch.where(passes, grad_y, 0)
+    else:
+        grad_x = torch.ops.qat.fused_fake_quantize_bits_backward(grad_y, bits, ctx.rows, ctx.channels_last)
     return (grad_x,) + (None,) * 6
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_op_backward, setup_context=_setup_fake_quantize_op)
+
+
+def unpacked_bits(bits: Tensor, shape: Sequence[int], order: Sequence[int], rows: int) -> Tensor:
+    """The forward's gradient mask, packed in `bits`, as a bool tensor of x's `shape` (`order`: x's dims in
+    memory order, see :func:`qat.quant.affine.storage_order`, the innermost of a size divisible by 8; `rows`:
+    as in the forward). Each byte holds 8 neighbours along the innermost dim.
+
+    >>> bits = torch.tensor([0b00000110, 0b10000000], dtype=torch.uint8)  # elements 1, 2 and 15 pass
+    >>> unpacked_bits(bits, (2, 8), (0, 1), rows=1).nonzero().tolist()
+    [[0, 1], [0, 2], [1, 7]]
+    """
+    *outer, innermost = (shape[d] for d in order)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    row_bytes = bits.view(rows, -1)[:, : math.prod(shape) // rows // 8]  # (rows, bytes of a row's elements)
+    flags = (row_bytes.reshape(*outer, innermost // 8, 1) >> shifts) & 1  # (..., innermost / 8, 8): bit j of byte k
+    in_memory_order = flags.reshape(*outer, innermost)
+    return in_memory_order.permute(sorted(range(len(order)), key=order.__getitem__)) != 0  # back to x's dims
 
 
 def _bits_backward_fake(grad, bits, rows, channels_last):

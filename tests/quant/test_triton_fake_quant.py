@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import qat
-from qat.quant.affine import fake_quantize, fused_kernels
+from qat.quant.affine import fake_quantize, fused_kernels, storage_order
 from qat.quant.fake_quantize import QuantizerBase
 from qat.quant.learnable import lsq_fake_quantize, lsq_grad_scale
 from qat.quant.spec import Granularity, QuantSpec
@@ -216,6 +216,7 @@ def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
 def _op_samples() -> dict[str, tuple]:
     """Arguments for each torch.compile operator of the fused kernels (channels_last x; a folded ReLU)."""
     x = torch.randn(4, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x16 = torch.randn(4, 16, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)  # whole bytes
     scale, zero = torch.tensor([0.05], device=DEVICE), torch.tensor([10], device=DEVICE, dtype=torch.int32)
     channel_scale = torch.full((4,), 0.03, device=DEVICE)
     channel_zero = torch.zeros(4, device=DEVICE, dtype=torch.int32)
@@ -223,6 +224,7 @@ def _op_samples() -> dict[str, tuple]:
     learned_zero = torch.tensor([9.6], device=DEVICE)
     return {
         "per_tensor_relu": (torch.ops.qat.fused_fake_quantize, (_leaf(x), scale, zero, 1, 0, 255, True)),
+        "per_tensor_16_channels": (torch.ops.qat.fused_fake_quantize, (_leaf(x16), scale, zero, 1, 0, 255, False)),
         "per_channel": (torch.ops.qat.fused_fake_quantize, (_leaf(x), channel_scale, channel_zero, 4, -7, 7, False)),
         "bits_backward": (torch.ops.qat.fused_fake_quantize_bits_backward,
                           (torch.randn(4, 3, 5, 5, device=DEVICE), bits, 1, False)),
@@ -235,7 +237,8 @@ def _op_samples() -> dict[str, tuple]:
     }
 
 
-@pytest.mark.parametrize("case", ["per_tensor_relu", "per_channel", "bits_backward", "lsq_plus_per_tensor_relu",
+@pytest.mark.parametrize("case", ["per_tensor_relu", "per_tensor_16_channels", "per_channel", "bits_backward",
+                                  "lsq_plus_per_tensor_relu",
                                   "lsq_per_channel", "lsq_backward"])
 def test_compiler_operators_pass_opcheck(fused_module, case):
     """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
@@ -288,15 +291,18 @@ def _output_and_gradient(function, x: torch.Tensor) -> tuple[torch.Tensor, torch
     return y, x_leaf.grad
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (4, 16, 5, 5), (4, 16, 1, 1)], ids=["c3", "c16", "c16_1x1"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("name", AFFINE_SPECS)
-def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
-    """Under torch.compile (fullgraph: no graph break) the forward and backward graphs run the fused kernels,
-    with the eager values and gradients, bit for bit."""
+def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu, shape):
+    """Under torch.compile (fullgraph: no graph break) the forward graph runs the fused kernel, with the eager
+    values and gradients, bit for bit. The backward unpacks the saved mask bits with torch ops where the
+    innermost dim in memory (of size > 1) fills whole bytes (channels_last with 16 channels; "u8_ch1" moves its
+    channels first into a contiguous copy, whose innermost dim has 5 or 4), else runs the bits-backward kernel."""
     spec = AFFINE_SPECS[name]
-    shape = (4, 3, 5, 5)
-    channels = shape[spec.axis] if spec.is_per_channel else 1
-    scale = (torch.rand(channels) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
+    channels = shape[1]
+    rows = shape[spec.axis] if spec.is_per_channel else 1
+    scale = (torch.rand(rows) * 0.05 + 0.01).reshape(-1 if spec.is_per_channel else ())
     x = _input(shape, scale, spec, torch.float32)
     scale = scale.to(DEVICE)
     zero = torch.randint(0, 5, scale.shape, dtype=torch.int32, device=DEVICE) if not spec.symmetric else \
@@ -306,13 +312,34 @@ def test_compiled_fake_quant_is_the_fused_kernels(fused_module, name, relu):
         return fused_module.fake_quantize(x, scale, zero, spec, relu=relu)
 
     graphs = []
-    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
+    torch._dynamo.reset()  # static shapes: after another shape of `function`, dynamo would mark the changed dims dynamic
+    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True, dynamic=False)
     (y, grad_x), (y_eager, grad_x_eager) = _output_and_gradient(compiled, x), _output_and_gradient(function, x)
     assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
     assert 0 < int((grad_x_eager == 0).sum()) < x.numel()  # some values clip, others pass
     forward, backward = graphs
     assert _fused_calls(forward) == ["_forward_kernel"]
-    assert _fused_calls(backward) == ["_bits_backward_kernel"]
+    by_torch_ops = channels % 8 == 0 and name != "u8_ch1"
+    assert _fused_calls(backward) == ([] if by_torch_ops else ["_bits_backward_kernel"])
+    shifts = any(node.target is torch.ops.aten.__rshift__.Tensor for node in backward.graph.nodes)
+    assert shifts == by_torch_ops
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("rows", [1, 4])
+def test_unpacked_bits_are_the_mask_of_the_bits_backward(fused_module, memory_format, rows):
+    """The compiled backward's mask (torch ops on the forward's bits) is the mask the eager bits-backward kernel
+    applies, in both dense layouts (innermost dims of 8 and 16), also where rows of 192 elements are padded to
+    blocks of 256."""
+    x = torch.randn(2, 16, 3, 8, device=DEVICE).contiguous(memory_format=memory_format)
+    scale = torch.full((rows,), 0.1, device=DEVICE)
+    zero = torch.full((rows,), 3, dtype=torch.int32, device=DEVICE)
+    _, bits = torch.ops.qat.fused_fake_quantize(x, scale, zero, rows, 0, 15, True)
+    layout = fused_module._Layout.of(x)
+    kernel_mask = fused_module._bits_backward(torch.ones_like(x), bits, layout, rows) != 0
+    mask = fused_module.unpacked_bits(bits, x.shape, storage_order(x), rows)
+    assert torch.equal(mask, kernel_mask)
+    assert bool(mask[x > 0.1].any()) and not bool(mask[x <= 0].any()) and not bool(mask[x > 1.3].any())
 
 
 @pytest.mark.parametrize("name", LSQ_SPECS)
@@ -437,10 +464,14 @@ def test_compiled_training_steps_match_eager(triton_on_cpu, inductor_clones, pre
     # side of a rounding boundary moves the next losses by ~1e-3 (measured on an H200: 2.9e-3 at step 5)
     rtol, atol = {"w8a8": (2e-3, 1e-4), "w4a4_lsq": (1e-2, 1e-3)}[preset] if ON_CUDA else (1e-5, 1e-6)
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=rtol, atol=atol)
-    # CUDA: the two ReLUs' activations have one shape, and their backward kernels' outputs stay two buffers
+    # CUDA: no output buffer of our kernels is cloned (equally shaped activations, as the two ReLUs', keep their own)
     assert inductor_clones == []
     if not ON_CUDA:  # one operator per per-tensor (activation) quantizer; per-channel weights take the formula
         quantizers = [m for m in prepared.modules() if isinstance(m, QuantizerBase)]
         per_tensor = sum(q.spec.granularity is Granularity.PER_TENSOR for q in quantizers)
         assert per_tensor >= 3 and len(quantizers) > per_tensor
         assert _fused_calls(graphs[0]).count("_forward_kernel") == per_tensor
+        # the fixed-qparams backward: the bits-backward kernel with every dim symbolic, else torch ops (the
+        # activations' innermost dim, W = 8, fills whole bytes)
+        bits_kernels = sum(_fused_calls(graph).count("_bits_backward_kernel") for graph in graphs)
+        assert (bits_kernels > 0) == (preset == "w8a8" and dynamic is True)
