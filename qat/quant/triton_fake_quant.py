@@ -194,10 +194,9 @@ def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
     return max(MIN_BLOCK, min(max_block, triton.next_power_of_2(row_len)))
 
 
-def _launch_shape(numel: int, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
-    """(row length, block size, blocks per row) of `numel` elements in `rows`; the grid is one program per
-    (row, block), row-major."""
-    row_len = numel // rows
+def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
+    """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
+    row_len = x.numel() // rows
     block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
 
@@ -228,7 +227,7 @@ def _forward(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, gri
              save_bits: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
     """(y, the gradient mask's bits or None)."""
     y = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x.numel(), rows)
+    row_len, block, n_blocks = _launch_shape(x, rows)
     bits = torch.empty(_bits_bytes(rows, block, n_blocks), device=x.device, dtype=torch.uint8) if save_bits else None
     _launcher(_forward_kernel, traced)[(rows * n_blocks,)](
         x, y, scale, zero_point if zero_point is not None else scale, bits if save_bits else y, row_len, n_blocks,
@@ -275,7 +274,7 @@ class _Layout:
 def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, traced: bool = False) -> Tensor:
     grad = grad.contiguous(memory_format=layout.memory_format)  # x's memory order: one flat index addresses both
     grad_x = layout.empty()
-    row_len, block, n_blocks = _launch_shape(grad_x.numel(), rows)
+    row_len, block, n_blocks = _launch_shape(grad_x, rows)
     _launcher(_bits_backward_kernel, traced)[(rows * n_blocks,)](grad, bits, grad_x, row_len, n_blocks, BLOCK=block,
                                                                  num_warps=_streaming_warps(block))
     return grad_x
@@ -286,7 +285,7 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     """(grad_x, sums (2, rows) of the scale / zero-point gradients (a row not asked for: unset), or None)."""
     grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x.numel(), rows, LSQ_BACKWARD_BLOCK)
+    row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
     _launcher(_backward_kernel, traced)[(rows * n_blocks,)](
@@ -355,7 +354,7 @@ def _operator(name: str, fake: Callable):
 
 
 def _fake_quantize_fake(x, scale, zero_point, rows, qmin, qmax, relu):
-    _, block, n_blocks = _launch_shape(x.numel(), rows)  # symbolic for a dynamic batch
+    _, block, n_blocks = _launch_shape(x, rows)  # symbolic for a dynamic batch
     return torch.empty_like(x), x.new_empty(_bits_bytes(rows, block, n_blocks), dtype=torch.uint8)
 
 
