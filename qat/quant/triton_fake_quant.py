@@ -13,8 +13,7 @@ and writes y once plus the gradient mask as bits (one byte per 8 elements); auto
 and the backward reads grad and the bits and writes grad_x (4.1 bytes per bf16 element instead of 6).
 LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads grad and x once, writes grad_x once,
 and one partial sum of the scale (and zero point) gradient per block, summed by one small torch reduction:
-no float32 copies, no host synchronisation. Under torch.compile the backwards are torch ops where they can be
-(see the operators below): inductor fuses them into the kernels reading grad_x (the folded BN's backward).
+no float32 copies, no host synchronisation.
 
 A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
 contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is
@@ -209,7 +208,8 @@ def _launcher(kernel, traced: bool):
 
 def _options(traced: bool) -> dict:
     """NO_FMA for eager launches (bit-exact against the torch formula). Inductor compiles a traced kernel with its
-    own options: the forward kernel has no multiply followed by an add to fuse."""
+    own options: the fixed-qparams kernels have no multiply followed by an add to fuse; the LSQ backward's
+    block sums may then differ from eager's in the last bits."""
     return {} if traced else NO_FMA
 
 
@@ -281,19 +281,19 @@ def _bits_backward(grad: Tensor, bits: Tensor, layout: _Layout, rows: int, trace
 
 
 def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid,
-              scale_grad: bool, zero_grad: bool) -> tuple[Tensor, Tensor | None]:
+              scale_grad: bool, zero_grad: bool, traced: bool = False) -> tuple[Tensor, Tensor | None]:
     """(grad_x, sums (2, rows) of the scale / zero-point gradients (a row not asked for: unset), or None)."""
     grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
     row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
     wanted = scale_grad or zero_grad
     partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
-    _backward_kernel[(rows * n_blocks,)](
+    _launcher(_backward_kernel, traced)[(rows * n_blocks,)](
         grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad,
         ZERO_GRAD=zero_grad,
-        BLOCK=block, num_warps=4, **NO_FMA,
+        BLOCK=block, num_warps=4, **_options(traced),
     )
     sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
     return grad_x, sums
@@ -336,11 +336,11 @@ class _FusedFakeQuantize(torch.autograd.Function):
 # torch.compile sees the kernels as operators with the autograd function's arithmetic. Fixed qparams: the forward
 # (y and the mask bits) is an operator; its backward unpacks the bits with torch ops, which inductor fuses into
 # the gradient's next kernels (or, for layouts that do not fill whole bytes along the innermost dim, is the bits
-# backward operator). LSQ / LSQ+: the forward (y) is an operator; its backward is torch ops on x with the
-# backward kernel's arithmetic, fused the same way. On the GPU the operators are `triton_op`s: inductor traces
-# their launches into its own code (no Python dispatch per call). Triton's interpreter cannot be traced: there
-# they are opaque `custom_op`s with fake (shape-only) implementations, which the CPU tests check. Eager mode keeps
-# `_FusedFakeQuantize`, whose dispatch costs less host time.
+# backward operator). LSQ / LSQ+: the forward (y) and the backward (grad_x and the qparams' gradient
+# sums). On the GPU they are `triton_op`s: inductor traces their launches into its own code (no
+# Python dispatch per call). Triton's interpreter cannot be traced: there they are opaque `custom_op`s with fake
+# (shape-only) implementations, which the CPU tests check. Eager mode keeps `_FusedFakeQuantize`, whose dispatch
+# costs less host time.
 def _operator(name: str, fake: Callable):
     """The schema comes from the implementation's annotations."""
     def define(implementation: Callable):
@@ -437,15 +437,12 @@ def _lsq_fake_quantize_op(x: Tensor, scale: Tensor, zero_point: Optional[Tensor]
 def _setup_lsq_fake_quantize_op(ctx, inputs, output):
     x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu = inputs
     ctx.save_for_backward(x, scale, zero_point)
-    ctx.order, ctx.rows = rows_first_order(x, rows), rows
-    ctx.grid = _Grid(qmin, qmax, learned=True, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
+    ctx.arguments = (rows, qmin, qmax, zero_value, grad_scale, relu)
 
 
 def _lsq_fake_quantize_op_backward(ctx, grad_y):
-    """Torch ops with the backward kernel's arithmetic, which inductor fuses into the kernels around them (the
-    folded BN's backward): grad_x is never written out, and the qparams' gradient sums join its reductions."""
     x, scale, zero_point = ctx.saved_tensors
-    grad_x, sums = lsq_backward_by_torch_ops(grad_y, x, scale, zero_point, ctx.rows, ctx.grid, ctx.order)
+    grad_x, sums = torch.ops.qat.fused_lsq_backward(grad_y, x, scale, zero_point, *ctx.arguments)
     qparam_grads = _qparam_gradients(sums, scale, zero_point, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
     return (grad_x, *qparam_grads) + (None,) * 6
 
@@ -453,57 +450,17 @@ def _lsq_fake_quantize_op_backward(ctx, grad_y):
 _lsq_fake_quantize_op.register_autograd(_lsq_fake_quantize_op_backward, setup_context=_setup_lsq_fake_quantize_op)
 
 
-def rows_first_order(x: Tensor, rows: int) -> tuple[int, ...]:
-    """x's dims in memory order (:func:`qat.quant.affine.storage_order`), the dim of its `rows` first: the one
-    whose rows fill x contiguously (per-channel: the channel dim, outermost in memory).
-
-    >>> rows_first_order(torch.zeros(8, 3, 2, 2).to(memory_format=torch.channels_last), rows=8)
-    (0, 2, 3, 1)
-    """
-    if rows == 1:
-        return storage_order(x)
-    row_dim = next(d for d in range(x.dim()) if x.shape[d] == rows and x.stride(d) * rows == x.numel())
-    return storage_order(x, first=row_dim)
+def _lsq_backward_fake(grad, x, scale, zero_point, rows, qmin, qmax, zero_value, grad_scale, relu):
+    return torch.empty_like(x), x.new_empty((2, rows), dtype=torch.float32)
 
 
-def lsq_backward_by_torch_ops(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int,
-                              grid: _Grid, order: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """What `_backward` computes with both qparam gradients asked for, `(grad_x, sums (2, rows))`, in torch ops
-    (`rows` as in the forward; `order` from :func:`rows_first_order`). The mask is the kernel's bit for bit;
-    the sums agree up to the summation order.
-
-    >>> x, scale = torch.tensor([[-0.3, 0.26, 0.9]]), torch.tensor([0.25])
-    >>> grid = _Grid(qmin=0, qmax=3, learned=True, zero_value=0.0, grad_scale=1.0, relu=True)
-    >>> grad_x, sums = lsq_backward_by_torch_ops(torch.ones_like(x), x, scale, None, 1, grid, (0, 1))
-    >>> grad_x.tolist(), [round(v, 4) for v in sums[0].tolist()]  # codes 0 (ReLU: no gradient), 1, 4 > 3
-    ([[0.0, 1.0, 0.0]], [2.96])
-    """
-    row_shape = [rows if d == order[0] else 1 for d in range(x.dim())]  # (rows,) -> broadcast over x
-    s = scale.float().clamp_min(SCALE_EPS).reshape(row_shape)
-    if zero_point is None:
-        z = torch.full_like(s, grid.zero_value)
-    else:
-        z = torch.round(zero_point.float().clamp(grid.qmin, grid.qmax)).reshape(row_shape)
-    values = x.float()
-    live = values > 0
-    if grid.relu:
-        values = torch.relu(values)  # NaN stays NaN
-    v = values * torch.reciprocal(s)
-    rounded = torch.round(v)
-    codes = rounded + z
-    below, above = codes < grid.qmin, codes > grid.qmax
-    inside = (codes >= grid.qmin) & (codes <= grid.qmax)  # not ~(below | above): NaN is neither
-    grad_x = grad * ((inside & live) if grid.relu else inside)
-    g = grad.float()
-    d_scale = torch.where(inside, rounded - v, torch.where(below, grid.qmin - z, grid.qmax - z))
-    unclamped = (scale.float() >= SCALE_EPS).reshape(-1)
-    scale_sums = _row_sums(g * d_scale, order, rows) * (unclamped * grid.grad_scale)
-    zero_sums = _row_sums(g * (below | above), order, rows) * (s.reshape(-1) * -grid.grad_scale)
-    return grad_x, torch.stack([scale_sums, zero_sums])
-
-
-def _row_sums(t: Tensor, order: Sequence[int], rows: int) -> Tensor:
-    return t.permute(order).reshape(rows, -1).sum(dim=1)  # memory order, rows first -> (rows, elements) -> (rows,)
+@_operator("qat::fused_lsq_backward", fake=_lsq_backward_fake)
+def _lsq_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Optional[Tensor], rows: int, qmin: int,
+                     qmax: int, zero_value: float, grad_scale: float, relu: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, sums (2, rows): the scale's and the zero point's gradient). Both sums are always computed (a
+    few more operations per element), so that the result has no unset row."""
+    grid = _Grid(qmin, qmax, learned=True, zero_value=zero_value, grad_scale=grad_scale, relu=relu)
+    return _backward(grad, x, scale, zero_point, rows, grid, scale_grad=True, zero_grad=True, traced=True)
 
 
 def _apply(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
