@@ -210,11 +210,14 @@ def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list
     block = args.block if setup.device.type == "cuda" else 1
     steps = {}
     for variant in variants:
+        started = time.perf_counter()
         model = variant.build(setup)
         model = torch.compile(model, mode=args.compile_mode) if variant.compiled else model
         steps[variant.name] = (make_graphed_step if variant.graphed else make_step)(model, setup, variant.autocast)
         for _ in range(args.warmup):
             steps[variant.name]()
+        # progress on stderr (unbuffered): a run cut short by a time limit still shows how far it got
+        print(f"{variant.name}: built and warmed up in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(max(1, args.iters // block)):
         for name, step in steps.items():
