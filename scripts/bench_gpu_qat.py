@@ -23,6 +23,7 @@ pure-torch fake-quant path instead of the fused Triton kernels.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import statistics
 import sys
@@ -206,16 +207,15 @@ def kernel_table(events, device_type, steps: int, rows: int = 25) -> str:
     """Time per step of the `device_type` events (the GPU's kernels; not the annotations that span them, such as
     the optimizer step's), summed by name, with their total. Built from the events themselves: `key_averages` merges
     a kernel traced by torch.compile with its launch's record of the same name and so counts it twice."""
-    totals: dict[str, list[float]] = {}
+    time_us, calls = collections.Counter(), collections.Counter()
     for event in events:
         if event.device_type == device_type and not event.is_user_annotation:
-            entry = totals.setdefault(event.name, [0.0, 0])
-            entry[0] += event.time_range.elapsed_us() / 1e3 / steps
-            entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda item: -item[1][0])
-    lines = [f"{ms:9.3f} ms/step {count / steps:7.1f} calls/step  {name[:100]}" for name, (ms, count) in ranked[:rows]]
-    all_ms, all_calls = sum(ms for ms, _ in totals.values()), sum(count for _, count in totals.values())
-    return "\n".join(lines + [f"{all_ms:9.3f} ms/step {all_calls / steps:7.1f} calls/step  (all kernels)"])
+            time_us[event.name] += event.time_range.elapsed_us()
+            calls[event.name] += 1
+    lines = [f"{us / 1e3 / steps:9.3f} ms/step {calls[name] / steps:7.1f} calls/step  {name[:100]}"
+             for name, us in time_us.most_common(rows)]
+    total_ms, total_calls = sum(time_us.values()) / 1e3 / steps, sum(calls.values()) / steps
+    return "\n".join(lines + [f"{total_ms:9.3f} ms/step {total_calls:7.1f} calls/step  (all kernels)"])
 
 
 def run(variants: list[Variant], setup: Setup, args: argparse.Namespace) -> list[tuple[str, float]]:
