@@ -166,33 +166,24 @@ def test_fused_attention_computes_the_unfused_graph(backend, tmp_path):
     assert not any(isinstance(m, Int8Attention) for m in convert(prepared, backend).modules())  # declined
 
 
-def _tiny_transformer_lowered(backend, option):
-    """(prepared, x, lowered with ``option`` on, with it off), on the backend's device (the cuda backend runs
-    Triton's interpreter on CPU tensors without a GPU)."""
-    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
-    prepared, batches = _synthetic("tiny_transformer")
-    prepared, x = prepared.to(device), batches[0][0].to(device)
-    return prepared, x, lower(prepared, backend, **{option: True}), lower(prepared, backend, **{option: False})
-
-
-def _assert_same_outputs_also_loaded(fused, unfused, x, backend, tmp_path):
-    with torch.no_grad():
-        assert torch.equal(fused(x), unfused(x))
-        qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
-        assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend, device=x.device)(x), unfused(x))
-
-
 @pytest.mark.parametrize("backend", ["reference", "fbgemm", "cuda"])
 def test_fused_layer_lookup_computes_the_unfused_graph(backend, tmp_path):
     """Each MLP's fc1 + GELU lookup becomes one Int8LinearLookup (the table in the GEMM's epilogue); the
     model's outputs stay bit-identical, also after an artifact round trip. (cuda: Triton's interpreter
     without a GPU.)"""
-    prepared, x, fused, unfused = _tiny_transformer_lowered(backend, "fuse_layer_lookup")
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    prepared, batches = _synthetic("tiny_transformer")
+    prepared, x = prepared.to(device), batches[0][0].to(device)
+    fused = lower(prepared, backend, fuse_layer_lookup=True)
+    unfused = lower(prepared, backend, fuse_layer_lookup=False)
     layers = [m for m in fused.modules() if isinstance(m, Int8LinearLookup)]
     lookups = [m for m in unfused.modules() if isinstance(m, Int8Lookup)]
     assert len(layers) == len(lookups) > 0 and all(m.out_qp is not None for m in layers)
     assert not [m for m in fused.modules() if isinstance(m, Int8Lookup)]
-    _assert_same_outputs_also_loaded(fused, unfused, x, backend, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fused(x), unfused(x))
+        qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
+        assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend, device=device)(x), unfused(x))
     on_default = any(isinstance(m, Int8LinearLookup) for m in convert(prepared, backend).modules())
     assert on_default == KERNEL_BACKENDS[backend].fuses_layer_lookup
 
@@ -202,12 +193,19 @@ def test_merged_sibling_linears_compute_the_separate_layers(backend, tmp_path):
     """The q, k and v projections of each attention block (one input) become one Int8LinearColumns whose
     blocks are the three layers' outputs; the model's outputs stay bit-identical, also after an artifact
     round trip. (cuda: Triton's interpreter without a GPU.)"""
-    prepared, x, merged, separate = _tiny_transformer_lowered(backend, "fuse_sibling_linears")
+    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
+    prepared, batches = _synthetic("tiny_transformer")
+    prepared, x = prepared.to(device), batches[0][0].to(device)
+    merged = lower(prepared, backend, fuse_sibling_linears=True)
+    separate = lower(prepared, backend, fuse_sibling_linears=False)
     layers = [m for m in merged.modules() if isinstance(m, Int8LinearColumns)]
     attention_blocks = [m for m in separate.modules() if isinstance(m, (Int8Attention, Int8Softmax))]
     assert len(layers) == len(attention_blocks) > 0
     assert all(m.columns.widths == (64, 64, 64) and m.bias is not None for m in layers)
-    _assert_same_outputs_also_loaded(merged, separate, x, backend, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(merged(x), separate(x))
+        qat.export(merged, tmp_path / "merged.qat", example_inputs=(x,))
+        assert torch.equal(qat.load(tmp_path / "merged.qat", backend=backend, device=device)(x), separate(x))
     on_default = any(isinstance(m, Int8LinearColumns) for m in convert(prepared, backend).modules())
     assert on_default == KERNEL_BACKENDS[backend].fuses_sibling_linears  # merged only where it is one GEMM
 
