@@ -139,21 +139,6 @@ def _layer_add_decode(cls):
     return decode
 
 
-def _linear_lookup_encode(m: q8.Int8LinearLookup):
-    config, tensors = _weight_layer_encode(m)
-    config.update(layer_qp=_asdict(m.layer_qp), layer_relu=m.layer_relu)
-    tensors["values"] = m.values
-    return config, tensors
-
-
-def _linear_lookup_decode(config, tensors, backend):
-    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
-    m = q8.Int8LinearLookup(weight, tensors.get("bias"), _qp(config["in_qp"]), _qp(config["layer_qp"]),
-                            config["layer_relu"], tensors["values"], backend)
-    m.out_qp = _qp(config["out_qp"])
-    return m
-
-
 def _linear_columns_encode(m: q8.Int8LinearColumns):
     config = {"in_qp": _asdict(m.in_qp), "widths": list(m.columns.widths),
               "qps": [_asdict(qp) for qp in m.columns.qps], "relus": list(m.columns.relus)}
@@ -244,7 +229,6 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Conv2dAdd: (_layer_add_encode, _layer_add_decode(q8.Int8Conv2dAdd)),
     q8.Int8LinearAdd: (_layer_add_encode, _layer_add_decode(q8.Int8LinearAdd)),
     q8.Int8LinearColumns: (_linear_columns_encode, _linear_columns_decode),
-    q8.Int8LinearLookup: (_linear_lookup_encode, _linear_lookup_decode),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),

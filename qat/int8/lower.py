@@ -14,8 +14,6 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   the add                                           epilogue), when the backend fuses them (``fuses_layer_add``)
   softmax(q @ k_t [* c]) @ v, each step int8      -> Int8Attention (one kernel, scores and probabilities in
   and read only by the next                         registers), when the backend fuses it (``fuses_attention``)
-  table lookup of an Int8Linear's output that     -> Int8LinearLookup (the table in the GEMM's epilogue), when
-  nothing else reads (after the walk)               the backend fuses them (``fuses_layer_lookup``)
   Int8Linears reading one value, requantized      -> one Int8LinearColumns (attention's q, k, v: one GEMM, each
   (after the walk)                                  layer's grid per column), when the backend fuses them
                                                     (``fuses_sibling_linears``)
@@ -161,29 +159,6 @@ class _Lowering:
                 self._lookup(node, fn)
             else:
                 self._float_node(node)
-
-    def fuse_layer_lookups(self) -> None:
-        """An Int8Lookup reading the requantized output of an Int8Linear that nothing else reads becomes one
-        Int8LinearLookup call at the lookup's place."""
-        for node in list(self.gm.graph.nodes):
-            if node.op != "call_module" or type(self.modules.get(node.target)) is not q8.Int8Lookup:
-                continue
-            layer = node.args[0]
-            if self._sole_reader_module(layer, q8.Int8Linear) is None:
-                continue
-            fused = q8.Int8LinearLookup.from_layer(self.modules[layer.target], self.modules[node.target])
-            _set_submodule(self.gm, layer.target, fused)
-            self.modules[layer.target] = fused
-            with self.gm.graph.inserting_before(node):
-                new = self.gm.graph.call_module(layer.target, layer.args)
-            node.replace_all_uses_with(new)
-            self.gm.graph.erase_node(node)
-            self.gm.graph.erase_node(layer)
-            del self.grid[layer]  # the layer's codes exist only inside the fused kernel now
-            if node in self.grid:
-                self.grid[new] = self.grid.pop(node)
-            self.value_map = {fq: new.name if name == node.name else name
-                              for fq, name in self.value_map.items() if name != layer.name}
 
     def merge_sibling_linears(self) -> None:
         """Int8Linears that read one value and requantize their outputs (onto grids of one dtype) become one
@@ -443,7 +418,7 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool)
 
 def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = None,
           int8_activations: bool | None = None, fuse_attention: bool | None = None,
-          fuse_sibling_linears: bool | None = None, fuse_layer_lookup: bool | None = None) -> fx.GraphModule:
+          fuse_sibling_linears: bool | None = None) -> fx.GraphModule:
     """The int8 graph of ``prepared`` on ``backend``. fuse_layer_add: fuse conv -> add and Linear -> add into
     Int8Conv2dAdd / Int8LinearAdd (None: when the backend runs them as one kernel; every backend computes them,
     fused or not, bit for bit alike).
@@ -451,8 +426,6 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = 
     within 1 LSB: the cuda kernel's softmax takes exp2 and one reciprocal per row).
     fuse_sibling_linears: merge Int8Linears that read one value (attention's q, k and v projections) into one
     Int8LinearColumns (None: where the backend runs it as one GEMM; bit for bit the separate layers' codes).
-    fuse_layer_lookup: fuse a table lookup (GELU, SiLU, ...) of an Int8Linear's output into Int8LinearLookup
-    (None: where the backend applies the table in the GEMM's epilogue; bit for bit the unfused codes).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
@@ -462,15 +435,12 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = 
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
     if fuse_sibling_linears is None:
         fuse_sibling_linears = BACKENDS[backend].fuses_sibling_linears
-    fuse_layer_lookup = BACKENDS[backend].fuses_layer_lookup if fuse_layer_lookup is None else fuse_layer_lookup
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
     lowering = _Lowering(gm, backend, fuse_layer_add, fuse_attention, int8_activations)
     lowering.run()
-    if fuse_layer_lookup:
-        lowering.fuse_layer_lookups()
     if fuse_sibling_linears:
         lowering.merge_sibling_linears()
     _lower_leaf_layers(gm, backend, int8_activations)

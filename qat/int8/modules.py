@@ -31,28 +31,9 @@ class BackendModule(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_backend"] = None
-        for cache in ("_packed", "_codes"):  # packed weights, lookup tables as codes: rebuilt on first use
-            if cache in state:
-                state[cache] = None
+        if "_packed" in state:
+            state["_packed"] = None
         return state
-
-
-class TableOutput:
-    """Mixin of modules whose output is a 256-entry float table ``values`` (buffer) indexed by codes: the
-    values themselves, or their codes on ``out_qp`` when an activation quantizer follows."""
-
-    values: torch.Tensor
-    out_qp: ActQParams | None
-    _codes: tuple[tuple, torch.Tensor] | None  # ((out_qp, device), values requantized)
-
-    def table(self) -> torch.Tensor:
-        """The float values, or their codes on out_qp (computed once per out_qp and device)."""
-        if self.out_qp is None:
-            return self.values
-        key = (self.out_qp, self.values.device)
-        if self._codes is None or self._codes[0] != key:
-            self._codes = (key, quantize_activation(self.values, self.out_qp))
-        return self._codes[1]
 
 
 class Quantize(BackendModule):
@@ -191,35 +172,6 @@ class Int8LinearAdd(Int8LayerAdd):
 
 
 FUSED_ADD = {Int8Conv2d: Int8Conv2dAdd, Int8Linear: Int8LinearAdd}  # layer type -> the layer with its add fused
-
-
-class Int8LinearLookup(TableOutput, Int8WeightLayer):
-    """An Int8Linear whose output (on ``layer_qp``, ReLU'd when ``layer_relu``) feeds only an Int8Lookup (GELU,
-    SiLU, ...): one backend call, ``linear_lookup``, the table applied in the GEMM's epilogue where the backend
-    ``fuses_layer_lookup``. ``values`` and ``out_qp`` are the lookup's."""
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, layer_qp: ActQParams,
-                 layer_relu: bool, values: torch.Tensor, backend: str):
-        super().__init__(weight, bias, in_qp, None, False, backend)
-        self.layer_qp, self.layer_relu = layer_qp, layer_relu
-        self.register_buffer("values", values.detach().float().clone())
-        self._codes = None
-
-    @classmethod
-    def from_layer(cls, layer: Int8Linear, lookup: Int8Lookup) -> Int8LinearLookup:
-        if lookup.in_qp != layer.out_qp:
-            raise ValueError(f"the lookup reads codes on {lookup.in_qp}, the layer writes {layer.out_qp}")
-        fused = cls(Int8Weight(layer.weight_int8, layer.weight_scale), layer.bias, layer.in_qp, layer.out_qp,
-                    layer.relu, lookup.values, layer.backend_name)
-        fused.out_qp = lookup.out_qp
-        return fused
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.backend.linear_lookup(t, self.in_qp, self.packed, self.layer_qp, self.table(), self.out_qp,
-                                          self.layer_relu)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, then a lookup (layer relu={self.layer_relu})"
 
 
 class Int8LinearColumns(Int8WeightLayer):
@@ -377,7 +329,7 @@ class Int8Attention(BackendModule):
         return f"scores={self.grids.scores}, probs={self.grids.probs}, out={self.out_qp}, {self.backend_name}"
 
 
-class Int8Lookup(TableOutput, BackendModule):
+class Int8Lookup(BackendModule):
     """An elementwise float function of an int8 tensor (GELU, SiLU, sigmoid, ...) as a table over the input's
     256 codes: ``values[c] = fn(dequantize(c))`` (float32), requantized to out_qp when an activation quantizer
     follows (else the float values are the output). One gather pass instead of dequantize, fn, quantize, on
@@ -398,7 +350,7 @@ class Int8Lookup(TableOutput, BackendModule):
         self.register_buffer("values", values.detach().float().clone())
         self.in_qp = in_qp
         self.out_qp: ActQParams | None = None
-        self._codes = None
+        self._codes: tuple[tuple, torch.Tensor] | None = None  # ((out_qp, device), values requantized)
 
     @classmethod
     def from_function(cls, fn: Callable, args: tuple, kwargs: dict, in_qp: ActQParams, backend: str,
@@ -410,8 +362,22 @@ class Int8Lookup(TableOutput, BackendModule):
             values = fn(dequantize_activation(bits.view(in_qp.dtype), in_qp), *args, **kwargs)
         return cls(values, in_qp, backend)
 
+    def table(self) -> torch.Tensor:
+        """The float values, or their codes on out_qp (computed once per out_qp and device)."""
+        if self.out_qp is None:
+            return self.values
+        key = (self.out_qp, self.values.device)
+        if self._codes is None or self._codes[0] != key:
+            self._codes = (key, quantize_activation(self.values, self.out_qp))
+        return self._codes[1]
+
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.backend.lookup(t, self.in_qp, self.table(), self.out_qp)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_codes"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"in={self.in_qp}, out={self.out_qp}, {self.backend_name}"

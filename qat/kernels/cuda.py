@@ -16,8 +16,6 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
   embedding; dilation 1) are instead copied once to a padded 4, 8 or 16-channel image and read a whole kernel
   row per K step, without masks (ResNet-50's stem at batch 256 on an H200: 1.45 -> 0.48 ms). Outputs are
   channels_last.
-* A Linear whose output only feeds a table lookup (ViT's fc1 + GELU): the requantized codes index the table in
-  the GEMM's epilogue (``linear_lookup``), one pass over the output fewer.
 * Sibling Linears reading one input (attention's q, k and v projections): one GEMM over their stacked
   weights, each column requantized to its own layer's grid in the epilogue; the layers' outputs are column
   views of it (``linear_columns``).
@@ -212,7 +210,6 @@ class CudaBackend:
     fuses_layer_add = True
     fuses_attention = True
     fuses_sibling_linears = True
-    fuses_layer_lookup = True
     int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
     def __init__(self) -> None:
@@ -348,17 +345,6 @@ class CudaBackend:
         gw = packed.native
         out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu, residual)
         return out.view(*x.shape[:-1], n)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None, linear_relu: bool = False) -> Tensor:
-        """``lookup(linear(x) on linear_qp)``, the table gathered in the GEMM's epilogue (ViT's fc1 + GELU)."""
-        self._require_device(x)
-        rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        gw = packed.native
-        out = self._triton.linear_lookup(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, linear_qp,
-                                         linear_relu, table.to(x.device))  # [M, N]
-        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def _conv_output_shape(x: Tensor, packed: Packed) -> tuple[int, ...]:

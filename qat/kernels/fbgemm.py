@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qat.kernels.reference import (ReferenceBackend, attention_unfused, dequantize_activation, finish,
-                                   layer_then_add, linear_then_lookup, lookup_codes, make_packed)
+                                   layer_then_add, lookup_codes, make_packed)
 from qat.kernels.types import ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -123,7 +123,6 @@ class FbgemmBackend:
     fuses_layer_add = False
     fuses_attention = False
     fuses_sibling_linears = False
-    fuses_layer_lookup = False
     int8_activations = False  # quint8 is its native type: int8 activations cost a pass each way
 
     def __init__(self) -> None:
@@ -227,10 +226,6 @@ class FbgemmBackend:
     def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
         return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None, linear_relu: bool = False) -> Tensor:
-        return linear_then_lookup(self, x, x_qp, packed, linear_qp, table, out_qp, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv_transpose2d(weight, bias, geometry)

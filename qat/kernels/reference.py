@@ -110,14 +110,6 @@ def layer_then_add(backend, kind: str, x: Tensor, x_qp: ActQParams, packed: Pack
     return backend.add(y, layer_qp, other, other_qp, out_qp, relu)
 
 
-def linear_then_lookup(backend, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, table: Tensor,
-                       out_qp: ActQParams | None, linear_relu: bool) -> Tensor:
-    """The unfused graph that ``linear_lookup`` stands for: the Linear requantized to linear_qp, its codes through
-    the 256-entry table."""
-    y = backend.linear(x, x_qp, packed, linear_qp, linear_relu)
-    return backend.lookup(y, linear_qp, table, out_qp)
-
-
 def attention_unfused(backend, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
                       out_qp: ActQParams | None) -> Tensor:
     """The unfused graph that ``attention`` stands for: ``q @ k_t`` requantized to the scores' grid, its codes
@@ -145,7 +137,6 @@ class ReferenceBackend:
     fuses_layer_add = False
     fuses_attention = False
     fuses_sibling_linears = False
-    fuses_layer_lookup = False
     int8_activations = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
@@ -214,10 +205,6 @@ class ReferenceBackend:
     def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
                    other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
         return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None, linear_relu: bool = False) -> Tensor:
-        return linear_then_lookup(self, x, x_qp, packed, linear_qp, table, out_qp, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         _check_out_channels(weight, weight.q.shape[1] * geometry.groups)

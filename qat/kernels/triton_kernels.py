@@ -120,16 +120,14 @@ def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: t
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr, table_ptr,
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr,
               HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              COLUMN_GRIDS: tl.constexpr, LOOKUP: tl.constexpr):
+              COLUMN_GRIDS: tl.constexpr):
     """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored.
 
     Output (and residual) rows are dense: element (m, n) at ``m * N + n``. With ``COLUMN_GRIDS`` each column
     has its own output grid: ``grids`` [4, N] float32 holds 1 / scale, zero point, lo and hi per column
-    (integers exact in float32), in place of the scalars. With ``LOOKUP`` the requantized codes index
-    ``table`` (256 entries, by the codes' 8 bits: an elementwise function after the layer) and its entries
-    are stored.
+    (integers exact in float32), in place of the scalars.
     """
     n_mask = rn < N
     if COLUMN_GRIDS:
@@ -147,11 +145,7 @@ def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scal
         mid = _requantize(y, mid_inv_scale, mid_zero, mid_lo, mid_hi)
         other = tl.load(res_ptr + offs, mask=mask, other=0).to(tl.float32)
         y = (mid - mid_zero) * mid_scale + (other - res_zero) * res_scale
-    if LOOKUP:
-        codes = _requantize(y, inv_scale, zero_point, lo, hi).to(tl.int32) & 255  # int8 -1 is entry 255
-        tl.store(out_ptr + offs, tl.load(table_ptr + codes, mask=mask, other=0), mask=mask)
-    else:
-        _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
+    _store_output(out_ptr + offs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT, RELU)
 
 
 @triton.jit
@@ -178,13 +172,11 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, sxm, K_PAD,
                  x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale,
-                 res_zero, res_scale, grids_ptr, table_ptr, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 res_zero, res_scale, grids_ptr, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
                  OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COLUMN_GRIDS: tl.constexpr,
-                 LOOKUP: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K);
-    per-column output grids (``COLUMN_GRIDS``) and a table after the requantization (``LOOKUP``): see
-    ``_epilogue``."""
+    ``grids_ptr``: per-column output grids when ``COLUMN_GRIDS`` (see ``_epilogue``)."""
     pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -205,8 +197,8 @@ def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr, table_ptr,
-              HAS_BIAS, OUT_FLOAT, RELU, HAS_RESIDUAL, COLUMN_GRIDS, LOOKUP)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr, HAS_BIAS,
+              OUT_FLOAT, RELU, HAS_RESIDUAL, COLUMN_GRIDS)
 
 
 @_autotune(key=["M", "N", "C", "K_LOOP"])
@@ -253,8 +245,8 @@ def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, w_scale_ptr,
-              HAS_BIAS, OUT_FLOAT, RELU, HAS_RESIDUAL, False, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, HAS_BIAS,
+              OUT_FLOAT, RELU, HAS_RESIDUAL, False)
 
 
 @triton.jit
@@ -303,8 +295,8 @@ def _conv_rows_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, ou
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, w_scale_ptr,
-              HAS_BIAS, OUT_FLOAT, RELU, HAS_RESIDUAL, False, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, HAS_BIAS,
+              OUT_FLOAT, RELU, HAS_RESIDUAL, False)
 
 
 @triton.jit
@@ -338,7 +330,7 @@ def _grouped_conv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, H, 
             w = tl.load(w_ptr + (tap * CG + ci) * N + n)
             acc += (x.to(tl.int32) - x_zero) * w.to(tl.int32)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, out_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              1.0, 0, 0, 0, 1.0, 0, 1.0, w_scale_ptr, w_scale_ptr, HAS_BIAS, OUT_FLOAT, RELU, False, False, False)
+              1.0, 0, 0, 0, 1.0, 0, 1.0, w_scale_ptr, HAS_BIAS, OUT_FLOAT, RELU, False, False)
 
 
 @triton.jit
@@ -707,17 +699,8 @@ def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor
     """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K)."""
     out = _out(x.shape[0], w.shape[0], out_qp, x.device)
     scalars, flags = _epilogue_args(out_qp, relu, residual)
-    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, residual_rows=None if residual is None
-                 else residual.rows, config=config)
-
-
-def linear_lookup(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
-                  layer_qp: ActQParams, relu: bool, table: Tensor, config: Tile | None = None) -> Tensor:
-    """``linear`` requantized to ``layer_qp``, its codes then through ``table`` (256 entries, indexed by the
-    codes' 8 bits): ``[M, N]`` of the table's dtype, in the GEMM's epilogue."""
-    out = torch.empty(x.shape[0], w.shape[0], dtype=table.dtype, device=x.device)
-    scalars, flags = _epilogue_args(layer_qp, relu, None)
-    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, table=table, config=config)
+    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, None if residual is None else residual.rows,
+                 None, config)
 
 
 def linear_columns(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
@@ -726,20 +709,19 @@ def linear_columns(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale
     column); ``[M, N]`` codes of ``dtype``."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=dtype, device=x.device)
     scalars, flags = _epilogue_args(ActQParams(1.0, 0, -128, 127), False, None)  # placeholders: grids replace them
-    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, grids=grids, config=config)
+    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, None, grids, config)
 
 
 def _gemm(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-          scalars: tuple, flags: dict, residual_rows: Tensor | None = None, grids: Tensor | None = None,
-          table: Tensor | None = None, config: Tile | None = None) -> Tensor:
+          scalars: tuple, flags: dict, residual_rows: Tensor | None, grids: Tensor | None,
+          config: Tile | None) -> Tensor:
     m, k = x.shape
     n, k_pad = w.shape
     args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual_rows is None else residual_rows,
             out, m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars,
-            w_scale if grids is None else grids, w_scale if table is None else table)
-    constexprs = dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, COLUMN_GRIDS=grids is not None,
-                      LOOKUP=table is not None, **flags)
-    _launch(_gemm_kernel, _tiles_grid(m, n), args, constexprs, config)
+            w_scale if grids is None else grids)
+    _launch(_gemm_kernel, _tiles_grid(m, n), args, dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
+                                                        COLUMN_GRIDS=grids is not None, **flags), config)
     return out
 
 

@@ -287,16 +287,6 @@ class KernelBackend(Protocol):
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor: ...
 
-    fuses_layer_lookup: bool
-    """Class attribute: True when ``linear_lookup`` is one fused kernel (lowering then fuses a table lookup, such as
-    GELU, into the Linear before it)."""
-
-    def linear_lookup(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, table: Tensor,
-                      out_qp: ActQParams | None, linear_relu: bool = False) -> Tensor:
-        """``lookup(linear(x, x_qp, packed, linear_qp, linear_relu), linear_qp, table, out_qp)``: what the unfused
-        graph computes (``reference.linear_then_lookup``), fused where ``fuses_layer_lookup``."""
-        ...
-
     fuses_sibling_linears: bool
     """Class attribute: True when ``linear_columns`` is one GEMM (lowering then merges Linears that read one
     input, such as attention's q, k and v projections)."""

@@ -15,8 +15,6 @@ from qat.int8.modules import (
     Int8LayerAdd,
     Int8LinearAdd,
     Int8LinearColumns,
-    Int8LinearLookup,
-    Int8Lookup,
     Int8Softmax,
 )
 from qat.kernels import BACKENDS as KERNEL_BACKENDS
@@ -97,7 +95,7 @@ def _assert_backend_matches_reference(prepared, x, backend, device):
     kernels = KERNEL_BACKENDS[backend]
     reference = lower(prepared, "reference", fuse_layer_add=kernels.fuses_layer_add,
                       fuse_attention=kernels.fuses_attention, fuse_sibling_linears=kernels.fuses_sibling_linears,
-                      fuse_layer_lookup=kernels.fuses_layer_lookup, int8_activations=kernels.int8_activations)
+                      int8_activations=kernels.int8_activations)
     ref_values = _reference_values(reference, x)
     fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
     prepared.cpu()
@@ -167,35 +165,12 @@ def test_fused_attention_computes_the_unfused_graph(backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm", "cuda"])
-def test_fused_layer_lookup_computes_the_unfused_graph(backend, tmp_path):
-    """Each MLP's fc1 + GELU lookup becomes one Int8LinearLookup (the table in the GEMM's epilogue); the
-    model's outputs stay bit-identical, also after an artifact round trip. (cuda: Triton's interpreter
-    without a GPU.)"""
-    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
-    prepared, batches = _synthetic("tiny_transformer")
-    prepared, x = prepared.to(device), batches[0][0].to(device)
-    fused = lower(prepared, backend, fuse_layer_lookup=True)
-    unfused = lower(prepared, backend, fuse_layer_lookup=False)
-    layers = [m for m in fused.modules() if isinstance(m, Int8LinearLookup)]
-    lookups = [m for m in unfused.modules() if isinstance(m, Int8Lookup)]
-    assert len(layers) == len(lookups) > 0 and all(m.out_qp is not None for m in layers)
-    assert not [m for m in fused.modules() if isinstance(m, Int8Lookup)]
-    with torch.no_grad():
-        assert torch.equal(fused(x), unfused(x))
-        qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
-        assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend, device=device)(x), unfused(x))
-    on_default = any(isinstance(m, Int8LinearLookup) for m in convert(prepared, backend).modules())
-    assert on_default == KERNEL_BACKENDS[backend].fuses_layer_lookup
-
-
-@pytest.mark.parametrize("backend", ["reference", "fbgemm", "cuda"])
 def test_merged_sibling_linears_compute_the_separate_layers(backend, tmp_path):
     """The q, k and v projections of each attention block (one input) become one Int8LinearColumns whose
     blocks are the three layers' outputs; the model's outputs stay bit-identical, also after an artifact
     round trip. (cuda: Triton's interpreter without a GPU.)"""
-    device = "cuda" if backend == "cuda" and torch.cuda.is_available() else "cpu"
     prepared, batches = _synthetic("tiny_transformer")
-    prepared, x = prepared.to(device), batches[0][0].to(device)
+    x = batches[0][0]
     merged = lower(prepared, backend, fuse_sibling_linears=True)
     separate = lower(prepared, backend, fuse_sibling_linears=False)
     layers = [m for m in merged.modules() if isinstance(m, Int8LinearColumns)]
@@ -205,7 +180,7 @@ def test_merged_sibling_linears_compute_the_separate_layers(backend, tmp_path):
     with torch.no_grad():
         assert torch.equal(merged(x), separate(x))
         qat.export(merged, tmp_path / "merged.qat", example_inputs=(x,))
-        assert torch.equal(qat.load(tmp_path / "merged.qat", backend=backend, device=device)(x), separate(x))
+        assert torch.equal(qat.load(tmp_path / "merged.qat", backend=backend)(x), separate(x))
     on_default = any(isinstance(m, Int8LinearColumns) for m in convert(prepared, backend).modules())
     assert on_default == KERNEL_BACKENDS[backend].fuses_sibling_linears  # merged only where it is one GEMM
 

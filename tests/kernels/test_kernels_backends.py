@@ -363,33 +363,6 @@ def test_linear_add_matches_unfused_graph(backend_name, case, relus):
         assert int(expected.min()) >= out_qp.zero_point
 
 
-@pytest.mark.parametrize("linear_relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("out", ["float", "quant"])
-@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
-@pytest.mark.parametrize("x_shape,n", [((2, 9, 40), 24), ((33, 64), 96), ((1, 7), 5)], ids=str)
-@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
-def test_linear_lookup_matches_unfused_graph(backend_name, x_shape, n, signed, out, linear_relu):
-    """linear_lookup == linear requantized to linear_qp, then its codes through the 256-entry table (GELU's
-    values, or their codes on out_qp)."""
-    on = OnBackend(backend_name)
-    x_qp = activation_qparams(False, activation_qmax(backend_name))
-    x = random_activation(x_shape, x_qp)
-    weight, bias = random_weight((n, x_shape[-1])), torch.randn(n)
-    packed_ref = REF.pack_linear(weight, bias)
-    linear_qp = fitted_qparams(REF.linear(x, x_qp, packed_ref), signed)
-    codes = torch.arange(256, dtype=torch.uint8).view(linear_qp.dtype)  # entry i: the code whose 8 bits are i
-    values = torch.nn.functional.gelu(REF.dequantize(codes, linear_qp))
-    out_qp = fitted_qparams(values, signed) if out == "quant" else None
-    table = values if out_qp is None else REF.quantize(values, out_qp)
-    expected = REF.lookup(REF.linear(x, x_qp, packed_ref, linear_qp, linear_relu), linear_qp, table, out_qp)
-    got = on.backend.linear_lookup(on.act(x, x_qp), x_qp, on.backend.pack_linear(weight, bias), linear_qp,
-                                   table.to(on.device), out_qp, linear_relu)
-    if out_qp is None:
-        assert torch.equal(on.back(got, None), expected)
-    else:
-        assert_quantized_agree(on.back(got, out_qp), expected)
-
-
 # (activation shape, K, block widths, biased blocks): attention's q/k/v (head-sized blocks), odd widths,
 # a block of one column, blocks without a bias beside blocks with one
 LINEAR_COLUMNS_CASES = [((2, 9, 64), 64, (64, 64, 64), (True, True, True)), ((7, 13), 13, (5, 1, 19), (True, False, True)),
