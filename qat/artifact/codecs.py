@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qat.int8 import modules as q8
-from qat.kernels import ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight
+from qat.kernels import ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 
 FUNCTIONS: dict[str, Callable] = {
     "torch.flatten": torch.flatten, "torch.reshape": torch.reshape, "torch.transpose": torch.transpose,
@@ -139,21 +139,6 @@ def _layer_add_decode(cls):
     return decode
 
 
-def _linear_columns_encode(m: q8.Int8LinearColumns):
-    config = {"in_qp": _asdict(m.in_qp), "widths": list(m.columns.widths),
-              "qps": [_asdict(qp) for qp in m.columns.qps], "relus": list(m.columns.relus)}
-    tensors = {"weight_int8": m.weight_int8, "weight_scale": m.weight_scale}
-    if m.bias is not None:
-        tensors["bias"] = m.bias
-    return config, tensors
-
-
-def _linear_columns_decode(config, tensors, backend):
-    columns = ColumnGrids(tuple(config["widths"]), tuple(_qp(qp) for qp in config["qps"]), tuple(config["relus"]))
-    weight = Int8Weight(tensors["weight_int8"], tensors["weight_scale"])
-    return q8.Int8LinearColumns(weight, tensors.get("bias"), _qp(config["in_qp"]), columns, backend)
-
-
 def _keep_grid_encode(m: q8.KeepGrid):
     fn = m.fn
     if isinstance(fn, nn.Module):
@@ -228,7 +213,6 @@ INT8_CODECS: dict[type, tuple[Callable, Callable]] = {
     q8.Int8Conv2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv2d)),
     q8.Int8Conv2dAdd: (_layer_add_encode, _layer_add_decode(q8.Int8Conv2dAdd)),
     q8.Int8LinearAdd: (_layer_add_encode, _layer_add_decode(q8.Int8LinearAdd)),
-    q8.Int8LinearColumns: (_linear_columns_encode, _linear_columns_decode),
     q8.Int8Conv1d: (_weight_layer_encode, _weight_layer_decode(q8.Int8Conv1d)),
     q8.Int8ConvTranspose2d: (_weight_layer_encode, _weight_layer_decode(q8.Int8ConvTranspose2d)),
     q8.Quantize: (lambda m: ({"qp": _asdict(m.qp)}, {}), lambda c, t, b: q8.Quantize(_qp(c["qp"]), b)),

@@ -14,9 +14,6 @@ Walk the graph in order, tracking which values are int8 (and on which grid):
   the add                                           epilogue), when the backend fuses them (``fuses_layer_add``)
   softmax(q @ k_t [* c]) @ v, each step int8      -> Int8Attention (one kernel, scores and probabilities in
   and read only by the next                         registers), when the backend fuses it (``fuses_attention``)
-  Int8Linears reading one value, requantized      -> one Int8LinearColumns (attention's q, k, v: one GEMM, each
-  (after the walk)                                  layer's grid per column), when the backend fuses them
-                                                    (``fuses_sibling_linears``)
   grid-keeping op on an int8 value               -> left as is (shape ops) or KeepGrid (pool, ReLU, pad)
   shape / ndim / device / size() of an int8 value -> left reading the int8 value (no Dequantize)
   anything else reading an int8 value            -> gets a Dequantize in front (runs in float)
@@ -159,31 +156,6 @@ class _Lowering:
                 self._lookup(node, fn)
             else:
                 self._float_node(node)
-
-    def merge_sibling_linears(self) -> None:
-        """Int8Linears that read one value and requantize their outputs (onto grids of one dtype) become one
-        Int8LinearColumns call; each layer's readers read its block (``operator.getitem``)."""
-        siblings: dict[tuple[fx.Node, torch.dtype], list[fx.Node]] = {}
-        for node in self.gm.graph.nodes:
-            module = self.modules.get(node.target) if node.op == "call_module" else None
-            if type(module) is q8.Int8Linear and module.out_qp is not None and len(node.args) == 1 and not node.kwargs:
-                siblings.setdefault((node.args[0], module.out_qp.dtype), []).append(node)
-        for layers in siblings.values():
-            if len(layers) > 1:
-                self._merge_linears(layers)
-
-    def _merge_linears(self, layers: list[fx.Node]) -> None:
-        merged = q8.Int8LinearColumns.from_layers([self.modules[layer.target] for layer in layers])
-        name = self._add_module("linear_columns", merged)
-        with self.gm.graph.inserting_before(layers[0]):  # the first layer: every reader of a block comes after it
-            call = self.gm.graph.call_module(name, (layers[0].args[0],))
-            blocks = [self.gm.graph.call_function(operator.getitem, (call, i)) for i in range(len(layers))]
-        for layer, block in zip(layers, blocks):
-            layer.replace_all_uses_with(block)
-            self.gm.graph.erase_node(layer)
-            self.grid[block] = self.grid.pop(layer)
-        renamed = {layer.name: block.name for layer, block in zip(layers, blocks)}
-        self.value_map = {fq: renamed.get(node, node) for fq, node in self.value_map.items()}
 
     def _relu_before_quantizer(self, node: fx.Node) -> bool:
         if patterns.activation_kind(node, self.modules) != "relu" or not node.args:
@@ -417,15 +389,12 @@ def _lower_leaf_layers(gm: fx.GraphModule, backend: str, int8_activations: bool)
 
 
 def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = None,
-          int8_activations: bool | None = None, fuse_attention: bool | None = None,
-          fuse_sibling_linears: bool | None = None) -> fx.GraphModule:
+          int8_activations: bool | None = None, fuse_attention: bool | None = None) -> fx.GraphModule:
     """The int8 graph of ``prepared`` on ``backend``. fuse_layer_add: fuse conv -> add and Linear -> add into
     Int8Conv2dAdd / Int8LinearAdd (None: when the backend runs them as one kernel; every backend computes them,
     fused or not, bit for bit alike).
     fuse_attention: likewise for attention cores (Int8Attention; fused kernels agree with the unfused ones
     within 1 LSB: the cuda kernel's softmax takes exp2 and one reciprocal per row).
-    fuse_sibling_linears: merge Int8Linears that read one value (attention's q, k and v projections) into one
-    Int8LinearColumns (None: where the backend runs it as one GEMM; bit for bit the separate layers' codes).
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
@@ -433,16 +402,12 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = 
     fuse_layer_add = BACKENDS[backend].fuses_layer_add if fuse_layer_add is None else fuse_layer_add
     fuse_attention = BACKENDS[backend].fuses_attention if fuse_attention is None else fuse_attention
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations
-    if fuse_sibling_linears is None:
-        fuse_sibling_linears = BACKENDS[backend].fuses_sibling_linears
     for m in gm.modules():
         if isinstance(m, QuantizerBase):
             m.disable_observer()
     _drop_eval_identities(gm)
     lowering = _Lowering(gm, backend, fuse_layer_add, fuse_attention, int8_activations)
     lowering.run()
-    if fuse_sibling_linears:
-        lowering.merge_sibling_linears()
     _lower_leaf_layers(gm, backend, int8_activations)
     gm.graph.lint()
     gm.delete_all_unused_submodules()

@@ -5,13 +5,13 @@ Activations between int8 modules are the backend's tensors (plain uint8/int8, or
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from qat.kernels import (ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, dequantize_activation,
-                         get_backend, quantize_activation)
+from qat.kernels import (ActQParams, AttentionGrids, ConvGeometry, Int8Weight, dequantize_activation, get_backend,
+                         quantize_activation)
 
 
 class BackendModule(nn.Module):
@@ -172,58 +172,6 @@ class Int8LinearAdd(Int8LayerAdd):
 
 
 FUSED_ADD = {Int8Conv2d: Int8Conv2dAdd, Int8Linear: Int8LinearAdd}  # layer type -> the layer with its add fused
-
-
-class Int8LinearColumns(Int8WeightLayer):
-    """Sibling Linears reading one input (attention's q, k and v projections) as one layer: their weights
-    stacked, output block i on layer i's grid and ReLU (``columns``). Returns the layers' outputs in order:
-    one GEMM where the backend ``fuses_sibling_linears``, each output a column view of it.
-
-    >>> qp = ActQParams(0.1, 0, -128, 127)
-    >>> layers = [Int8Linear(Int8Weight(torch.ones(n, 3, dtype=torch.int8), torch.full((n,), 0.5)), None, qp,
-    ...                      ActQParams(0.05 * n, 0, -128, 127), False, "reference") for n in (2, 1)]
-    >>> merged = Int8LinearColumns.from_layers(layers)
-    >>> x = torch.tensor([[10, 20, 30]], dtype=torch.int8)
-    >>> [out.tolist() for out in merged(x)] == [layer(x).tolist() for layer in layers]
-    True
-    """
-
-    kind = "linear_columns"
-
-    def __init__(self, weight: Int8Weight, bias: torch.Tensor | None, in_qp: ActQParams, columns: ColumnGrids,
-                 backend: str):
-        super().__init__(weight, bias, in_qp, None, False, backend)
-        self.columns = columns
-
-    @classmethod
-    def from_layers(cls, layers: Sequence[Int8Linear]) -> Int8LinearColumns:
-        """Merge Int8Linears of one input grid whose outputs are requantized (a layer without bias adds zeros:
-        ``y + 0.0`` requantizes as ``y`` does)."""
-        if len({layer.in_qp for layer in layers}) != 1 or any(layer.out_qp is None for layer in layers):
-            raise ValueError("merged Linears share one input grid and each has an output grid")
-        weight = Int8Weight(torch.cat([layer.weight_int8 for layer in layers]),
-                            torch.cat([layer.weight_scale for layer in layers]))
-        bias = None
-        if any(layer.bias is not None for layer in layers):
-            bias = torch.cat([torch.zeros_like(layer.weight_scale) if layer.bias is None else layer.bias
-                              for layer in layers])
-        columns = ColumnGrids(tuple(layer.weight_int8.shape[0] for layer in layers),
-                              tuple(layer.out_qp for layer in layers), tuple(layer.relu for layer in layers))
-        return cls(weight, bias, layers[0].in_qp, columns, layers[0].backend_name)
-
-    @property
-    def packed(self):
-        if self._packed is None:
-            weight = Int8Weight(self.weight_int8, self.weight_scale)
-            self._packed = self.backend.pack_linear_columns(weight, self.bias, self.columns)
-        return self._packed
-
-    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.backend.linear_columns(t, self.in_qp, self.packed, self.columns)
-
-    def extra_repr(self) -> str:
-        return (f"weight={tuple(self.weight_int8.shape)}, blocks={self.columns.widths}, relus={self.columns.relus}, "
-                f"{self.backend_name}")
 
 
 class Int8ConvTranspose2d(Int8WeightLayer):

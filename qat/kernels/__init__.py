@@ -14,8 +14,7 @@ import torch
 from qat.kernels.cuda import CudaBackend
 from qat.kernels.fbgemm import FbgemmBackend
 from qat.kernels.reference import ReferenceBackend, dequantize_activation, quantize_activation, requantize
-from qat.kernels.types import (ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, KernelBackend,
-                               Packed)
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, KernelBackend, Packed
 
 BACKENDS: dict[str, Callable[[], KernelBackend]] = {
     "reference": ReferenceBackend,
@@ -37,7 +36,7 @@ def default_backend(device: torch.device | str) -> str:
 
 
 __all__ = [
-    "BACKENDS", "ActQParams", "AttentionGrids", "ColumnGrids", "ConvGeometry", "Int8Weight", "KernelBackend", "Packed",
-    "CudaBackend", "FbgemmBackend", "ReferenceBackend", "default_backend", "dequantize_activation", "get_backend",
+    "BACKENDS", "ActQParams", "AttentionGrids", "ConvGeometry", "Int8Weight", "KernelBackend", "Packed", "CudaBackend",
+    "FbgemmBackend", "ReferenceBackend", "default_backend", "dequantize_activation", "get_backend",
     "quantize_activation", "requantize",
 ]

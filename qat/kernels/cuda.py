@@ -16,9 +16,6 @@ Every path accumulates int8 x int8 products in int32 and ends in the reference's
   embedding; dilation 1) are instead copied once to a padded 4, 8 or 16-channel image and read a whole kernel
   row per K step, without masks (ResNet-50's stem at batch 256 on an H200: 1.45 -> 0.48 ms). Outputs are
   channels_last.
-* Sibling Linears reading one input (attention's q, k and v projections): one GEMM over their stacked
-  weights, each column requantized to its own layer's grid in the epilogue; the layers' outputs are column
-  views of it (``linear_columns``).
 * GEMM and conv kernels are autotuned per shape (``triton_kernels.TILES``); the first call of each shape
   pays for it.
 * ``conv2d_add`` fuses a residual add (+ReLU) into the conv epilogue: what the unfused graph computes
@@ -54,8 +51,7 @@ from torch import Tensor, nn
 
 from qat.kernels.reference import (ReferenceBackend, attention_unfused, layer_then_add, make_packed,
                                    requantize_table)
-from qat.kernels.types import (ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, Packed,
-                               as_pair)
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed, as_pair
 
 _REFERENCE = ReferenceBackend()
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,29 +126,6 @@ def pack_gemm_weight(q: Tensor, dilation: tuple[int, int] = (1, 1)) -> GemmWeigh
 
 
 @dataclass(frozen=True, eq=False)
-class ColumnsWeight:
-    """Stacked sibling Linears for ``linear_columns``: their ``GemmWeight`` and ``grids`` [4, N] float32, each
-    column's output grid (1 / scale, zero point, lo, hi) as the GEMM epilogue reads it."""
-
-    gemm: GemmWeight
-    grids: Tensor
-
-
-def column_grid_table(columns: ColumnGrids, device: torch.device | str = "cpu") -> Tensor:
-    """``[4, N]`` float32 rows 1 / scale, zero point, lo, hi of every output column (lo: the ReLU floor where
-    the block has a ReLU).
-
-    >>> qps = (ActQParams(0.5, 0, -128, 127), ActQParams(0.25, 3, -128, 127))
-    >>> column_grid_table(ColumnGrids((1, 2), qps, (False, True))).tolist()
-    [[2.0, 4.0, 4.0], [0.0, 3.0, 3.0], [-128.0, 3.0, 3.0], [127.0, 127.0, 127.0]]
-    """
-    rows = [[qp.inv_scale, qp.zero_point, qp.relu_floor if relu else qp.qmin, qp.qmax]
-            for qp, relu in zip(columns.qps, columns.relus)]
-    per_block = torch.tensor(rows, dtype=torch.float32).T  # [4, blocks]
-    return per_block.repeat_interleave(torch.tensor(columns.widths), dim=1).contiguous().to(device)  # [4, N]
-
-
-@dataclass(frozen=True, eq=False)
 class GroupedWeight:
     """Weight of the direct grouped conv: ``w`` is ``[kh*kw*C/groups, N]`` int8 (row ``(kh*KW + kw)*C/groups + ci``)."""
 
@@ -209,7 +182,6 @@ class CudaBackend:
     name = "cuda"
     fuses_layer_add = True
     fuses_attention = True
-    fuses_sibling_linears = True
     int8_activations = True  # uint8 operands are flipped to int8 in registers, off the tensor cores' data path
 
     def __init__(self) -> None:
@@ -291,22 +263,6 @@ class CudaBackend:
         gw = packed.native
         out = self._triton.linear(rows, x_qp, gw.w, gw.wsum, packed.weight.scale, packed.bias, out_qp, relu)  # [M, N]
         return out.view(*x.shape[:-1], out.shape[-1])
-
-    def pack_linear_columns(self, weight: Int8Weight, bias: Tensor | None, columns: ColumnGrids) -> Packed:
-        weight, bias = self._on_device(weight, bias)
-        _REFERENCE.pack_linear_columns(weight, bias, columns)
-        native = ColumnsWeight(pack_gemm_weight(weight.q[:, :, None, None]), column_grid_table(columns, self.device))
-        return make_packed(weight, bias, native=native)
-
-    def linear_columns(self, x: Tensor, x_qp: ActQParams, packed: Packed, columns: ColumnGrids) -> tuple[Tensor, ...]:
-        """One GEMM, each column requantized to its block's grid; the blocks are column views of its output."""
-        self._require_device(x)
-        rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        rows = rows if rows.stride(-1) == 1 else rows.contiguous()
-        native = packed.native
-        out = self._triton.linear_columns(rows, x_qp, native.gemm.w, native.gemm.wsum, packed.weight.scale,
-                                          packed.bias, native.grids, columns.dtype)  # [M, N]
-        return tuple(out[:, a:b].view(*x.shape[:-1], b - a) for a, b in columns.bounds())
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         weight, bias = self._on_device(weight, bias)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from qat.kernels.reference import (ReferenceBackend, attention_unfused, dequantize_activation, finish,
                                    layer_then_add, lookup_codes, make_packed)
-from qat.kernels.types import ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, Packed
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
 _ZERO_POINT_SHIFT = {torch.uint8: 0, torch.int8: 128}  # int8 activations travel as quint8 with z + 128
@@ -122,7 +122,6 @@ class FbgemmBackend:
     name = "fbgemm"
     fuses_layer_add = False
     fuses_attention = False
-    fuses_sibling_linears = False
     int8_activations = False  # quint8 is its native type: int8 activations cost a pass each way
 
     def __init__(self) -> None:
@@ -184,15 +183,6 @@ class FbgemmBackend:
             return finish(F.linear(x.dequantize(), packed.native.dequantized, packed.bias), None, relu)
         op = torch.ops.quantized.linear_relu if relu else torch.ops.quantized.linear
         return _clamp_to_range(op(x, packed.native.prepacked, out_qp.scale, _backend_zero_point(out_qp)), out_qp)
-
-    def pack_linear_columns(self, weight: Int8Weight, bias: Tensor | None, columns: ColumnGrids) -> Packed:
-        return _REFERENCE.pack_linear_columns(weight, bias, columns)
-
-    def linear_columns(self, x: Tensor, x_qp: ActQParams, packed: Packed, columns: ColumnGrids) -> tuple[Tensor, ...]:
-        """The reference's arithmetic (lowering for fbgemm keeps sibling Linears apart; this runs only models
-        lowered for another backend)."""
-        outs = _REFERENCE.linear_columns(self.from_backend(x, x_qp), x_qp, packed, columns)
-        return tuple(self._out(out, qp) for out, qp in zip(outs, columns.qps))
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv2d(weight, bias, geometry)

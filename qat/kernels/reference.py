@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.types import (ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight, Packed,
-                               float32)
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed, float32
 
 
 def quantize_activation(x: Tensor, qp: ActQParams) -> Tensor:
@@ -136,7 +135,6 @@ class ReferenceBackend:
     name = "reference"
     fuses_layer_add = False
     fuses_attention = False
-    fuses_sibling_linears = False
     int8_activations = False
 
     def grid_op(self, fn, t: Tensor, args: tuple, kwargs: dict) -> Tensor | None:
@@ -174,17 +172,6 @@ class ReferenceBackend:
         acc = _shifted(x, x_qp) @ packed.weight.q.double().T  # [..., out]
         y = scale_accumulator(acc, output_multiplier(x_qp, packed.weight), packed.bias, channel_dim=-1)
         return finish(y, out_qp, relu)
-
-    def pack_linear_columns(self, weight: Int8Weight, bias: Tensor | None, columns: ColumnGrids) -> Packed:
-        if sum(columns.widths) != weight.q.shape[0]:
-            raise ValueError(f"column blocks of widths {columns.widths} need {sum(columns.widths)} weight rows, "
-                             f"got {weight.q.shape[0]}")
-        return self.pack_linear(weight, bias)
-
-    def linear_columns(self, x: Tensor, x_qp: ActQParams, packed: Packed, columns: ColumnGrids) -> tuple[Tensor, ...]:
-        y = self.linear(x, x_qp, packed)  # float32 [..., sum(widths)]: each column is its own layer's value
-        return tuple(finish(y[..., a:b], qp, relu) for (a, b), qp, relu in zip(columns.bounds(), columns.qps,
-                                                                               columns.relus))
 
     def pack_conv2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         _check_out_channels(weight, weight.q.shape[0])

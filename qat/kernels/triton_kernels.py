@@ -120,21 +120,13 @@ def _store_output(out_ptrs, y, mask, inv_scale, zero_point, lo, hi, OUT_FLOAT: t
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr,
-              HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              COLUMN_GRIDS: tl.constexpr):
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS: tl.constexpr,
+              OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """Exact int32 ``acc`` [BM, BN] -> ``float32(acc) * (s_x * s_w[n]) + bias[n]`` -> (+ residual) -> stored.
 
-    Output (and residual) rows are dense: element (m, n) at ``m * N + n``. With ``COLUMN_GRIDS`` each column
-    has its own output grid: ``grids`` [4, N] float32 holds 1 / scale, zero point, lo and hi per column
-    (integers exact in float32), in place of the scalars.
+    Output (and residual) rows are dense: element (m, n) at ``m * N + n``.
     """
     n_mask = rn < N
-    if COLUMN_GRIDS:
-        inv_scale = tl.load(grids_ptr + rn, mask=n_mask, other=1.0)[None, :]
-        zero_point = tl.load(grids_ptr + N + rn, mask=n_mask, other=0.0)[None, :]
-        lo = tl.load(grids_ptr + 2 * N + rn, mask=n_mask, other=0.0)[None, :]
-        hi = tl.load(grids_ptr + 3 * N + rn, mask=n_mask, other=0.0)[None, :]
     mult = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0) * x_scale  # s_x * s_w[n] in float32
     y = acc.to(tl.float32) * mult[None, :]
     if HAS_BIAS:
@@ -172,11 +164,10 @@ def _tile_ids(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, M, N, K, sxm, K_PAD,
                  x_offset, x_scale, inv_scale, zero_point, lo, hi, mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale,
-                 res_zero, res_scale, grids_ptr, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 OUT_FLOAT: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, COLUMN_GRIDS: tl.constexpr,
-                 EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K);
-    ``grids_ptr``: per-column output grids when ``COLUMN_GRIDS`` (see ``_epilogue``)."""
+                 res_zero, res_scale, X_UNSIGNED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
+                 RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[m, n] of x [M, K] (rows ``sxm`` apart, unit column stride) times ``w`` [N, K_PAD] (K-major, zero past K)."""
     pid_m, pid_n = _tile_ids(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -197,8 +188,8 @@ def _gemm_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, grids_ptr, HAS_BIAS,
-              OUT_FLOAT, RELU, HAS_RESIDUAL, COLUMN_GRIDS)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @_autotune(key=["M", "N", "C", "K_LOOP"])
@@ -245,8 +236,8 @@ def _conv_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, HAS_BIAS,
-              OUT_FLOAT, RELU, HAS_RESIDUAL, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @triton.jit
@@ -295,8 +286,8 @@ def _conv_rows_kernel(x_ptr, w_ptr, wsum_ptr, w_scale_ptr, bias_ptr, res_ptr, ou
         b_ptrs += BK
     acc += x_offset * tl.load(wsum_ptr + rn, mask=rn < N, other=0)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, res_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, w_scale_ptr, HAS_BIAS,
-              OUT_FLOAT, RELU, HAS_RESIDUAL, False)
+              mid_inv_scale, mid_zero, mid_lo, mid_hi, mid_scale, res_zero, res_scale, HAS_BIAS, OUT_FLOAT, RELU,
+              HAS_RESIDUAL)
 
 
 @triton.jit
@@ -330,7 +321,7 @@ def _grouped_conv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, H, 
             w = tl.load(w_ptr + (tap * CG + ci) * N + n)
             acc += (x.to(tl.int32) - x_zero) * w.to(tl.int32)[None, :]
     _epilogue(acc, rm, rn, M, N, w_scale_ptr, bias_ptr, out_ptr, out_ptr, x_scale, inv_scale, zero_point, lo, hi,
-              1.0, 0, 0, 0, 1.0, 0, 1.0, w_scale_ptr, HAS_BIAS, OUT_FLOAT, RELU, False, False)
+              1.0, 0, 0, 0, 1.0, 0, 1.0, HAS_BIAS, OUT_FLOAT, RELU, False)
 
 
 @triton.jit
@@ -697,31 +688,14 @@ def linear(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor
            out_qp: ActQParams | None, relu: bool, residual: Residual | None = None,
            config: Tile | None = None) -> Tensor:
     """``[M, N]`` int8 GEMM of ``x`` [M, K] (unit column stride) and ``w`` [N, K_pad] (K-major, zero past K)."""
-    out = _out(x.shape[0], w.shape[0], out_qp, x.device)
-    scalars, flags = _epilogue_args(out_qp, relu, residual)
-    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, None if residual is None else residual.rows,
-                 None, config)
-
-
-def linear_columns(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None,
-                   grids: Tensor, dtype: torch.dtype, config: Tile | None = None) -> Tensor:
-    """``linear`` with an output grid per column: ``grids`` [4, N] float32 (1 / scale, zero point, lo, hi of each
-    column); ``[M, N]`` codes of ``dtype``."""
-    out = torch.empty(x.shape[0], w.shape[0], dtype=dtype, device=x.device)
-    scalars, flags = _epilogue_args(ActQParams(1.0, 0, -128, 127), False, None)  # placeholders: grids replace them
-    return _gemm(x, x_qp, w, wsum, w_scale, bias, out, scalars, flags, None, grids, config)
-
-
-def _gemm(x: Tensor, x_qp: ActQParams, w: Tensor, wsum: Tensor, w_scale: Tensor, bias: Tensor | None, out: Tensor,
-          scalars: tuple, flags: dict, residual_rows: Tensor | None, grids: Tensor | None,
-          config: Tile | None) -> Tensor:
     m, k = x.shape
     n, k_pad = w.shape
-    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual_rows is None else residual_rows,
-            out, m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars,
-            w_scale if grids is None else grids)
-    _launch(_gemm_kernel, _tiles_grid(m, n), args, dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None,
-                                                        COLUMN_GRIDS=grids is not None, **flags), config)
+    out = _out(m, n, out_qp, x.device)
+    scalars, flags = _epilogue_args(out_qp, relu, residual)
+    args = (x, w, wsum, w_scale, w_scale if bias is None else bias, out if residual is None else residual.rows, out,
+            m, n, k, x.stride(0), k_pad, signed_offset(x_qp), x_qp.scale, *scalars)
+    _launch(_gemm_kernel, _tiles_grid(m, n), args,
+            dict(X_UNSIGNED=x.dtype == torch.uint8, HAS_BIAS=bias is not None, **flags), config)
     return out
 
 
@@ -907,19 +881,6 @@ def bmm(a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams, mult: float, o
     return out
 
 
-def _empty_in_stride_order(like: Tensor, dtype: torch.dtype) -> Tensor:
-    """A dense tensor of ``like``'s shape, its dims laid out in ``like``'s stride order. (``empty_like`` gives a
-    tensor that is not dense, such as v as a column block of the q/k/v GEMM's output, contiguous strides.)
-
-    >>> v = torch.empty(2, 5, 3, 4).transpose(1, 2)[..., :2]  # [B, L, H, D] memory read as [B, H, L, D], 2 of 4
-    >>> _empty_in_stride_order(v, torch.int8).transpose(1, 2).is_contiguous()
-    True
-    """
-    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost dim first
-    dense = torch.empty([like.shape[d] for d in order], dtype=dtype, device=like.device)
-    return dense.permute([order.index(d) for d in range(like.dim())])
-
-
 def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: ActQParams | None) -> Tensor:
     """``softmax(q @ k_t) @ v`` on ``grids`` in one kernel, for ``[B0, B1, L, D] @ [B0, B1, D, S] @ [B0, B1, S, D]``
     (any strides) with S <= MAX_ATTENTION_KEYS and D <= MAX_ATTENTION_HEAD. The output takes v's strides when
@@ -927,7 +888,7 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     outer, inner, rows, d = q.shape
     keys = k_t.shape[3]
     dtype = torch.float32 if out_qp is None else out_qp.dtype
-    out = (_empty_in_stride_order(v, dtype) if v.shape == (outer, inner, rows, d)
+    out = (torch.empty_like(v, dtype=dtype) if v.shape == (outer, inner, rows, d)
            else torch.empty(outer, inner, rows, d, dtype=dtype, device=q.device))
     s_qp, p_qp = grids.scores, grids.probs.as_int8()
     batches = outer * inner

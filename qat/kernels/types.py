@@ -105,39 +105,6 @@ class AttentionGrids:
             raise ValueError(f"the logits are the scores' codes on another scale: {self.scores} vs {self.logits}")
 
 
-@dataclass(frozen=True)
-class ColumnGrids:
-    """The output of sibling Linears (one input, their weights stacked into one ``[sum(widths), K]`` weight) as
-    one GEMM's column blocks: block i is ``widths[i]`` columns requantized to ``qps[i]``, with its ReLU floor
-    where ``relus[i]``. Every block has one code dtype.
-
-    >>> g = ColumnGrids((4, 2), (ActQParams(0.1, 0, -128, 127), ActQParams(0.2, 5, -128, 127)), (False, True))
-    >>> g.bounds()  # (start, end) columns of each block
-    ((0, 4), (4, 6))
-    """
-
-    widths: tuple[int, ...]
-    qps: tuple[ActQParams, ...]
-    relus: tuple[bool, ...]
-
-    def __post_init__(self) -> None:
-        if not len(self.widths) == len(self.qps) == len(self.relus) or not self.widths:
-            raise ValueError(f"one width, grid and ReLU flag per block, got {len(self.widths)}, {len(self.qps)}, "
-                             f"{len(self.relus)}")
-        if min(self.widths) < 1:
-            raise ValueError(f"every block has at least one column, got widths {self.widths}")
-        if len({qp.dtype for qp in self.qps}) != 1:
-            raise ValueError(f"the blocks share one code dtype, got {[str(qp.dtype) for qp in self.qps]}")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.qps[0].dtype
-
-    def bounds(self) -> tuple[tuple[int, int], ...]:
-        ends = [sum(self.widths[:i + 1]) for i in range(len(self.widths))]
-        return tuple(zip([0] + ends[:-1], ends))
-
-
 def as_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """``value`` as (h, w): an int repeated, or a sequence of two."""
     pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
@@ -286,19 +253,6 @@ class KernelBackend(Protocol):
 
     def matmul(self, a: Tensor, a_qp: ActQParams, b: Tensor, b_qp: ActQParams,
                out_qp: ActQParams | None = None) -> Tensor: ...
-
-    fuses_sibling_linears: bool
-    """Class attribute: True when ``linear_columns`` is one GEMM (lowering then merges Linears that read one
-    input, such as attention's q, k and v projections)."""
-
-    def pack_linear_columns(self, weight: Int8Weight, bias: Tensor | None, columns: ColumnGrids) -> Packed:
-        """Pack the stacked weight ``[sum(columns.widths), K]`` of sibling Linears with their output grids."""
-        ...
-
-    def linear_columns(self, x: Tensor, x_qp: ActQParams, packed: Packed, columns: ColumnGrids) -> tuple[Tensor, ...]:
-        """``linear(x, x_qp, packed_i, columns.qps[i], columns.relus[i])`` for each column block i of the stacked
-        weight: what the sibling Linears compute, bit for bit (``reference.linear_columns_unfused``)."""
-        ...
 
     fuses_attention: bool
     """Class attribute: True when ``attention`` is one fused kernel (lowering then fuses attention cores)."""

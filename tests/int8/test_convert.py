@@ -14,7 +14,6 @@ from qat.int8.modules import (
     Int8Conv2dAdd,
     Int8LayerAdd,
     Int8LinearAdd,
-    Int8LinearColumns,
     Int8Softmax,
 )
 from qat.kernels import BACKENDS as KERNEL_BACKENDS
@@ -49,8 +48,7 @@ def _synthetic(name):
 
 class _FedReference(fx.Interpreter):
     """Runs every node of a backend's int8 graph on the reference graph's values of its inputs, so each
-    layer's kernels are compared on identical inputs (differences do not compound through the network).
-    Tuples (the blocks of merged sibling Linears) stay the backend's own, so that their items are compared."""
+    layer's kernels are compared on identical inputs (differences do not compound through the network)."""
 
     def __init__(self, gm, reference_values):
         super().__init__(gm)
@@ -60,8 +58,6 @@ class _FedReference(fx.Interpreter):
     def run_node(self, n):
         for arg in n.all_input_nodes:
             ref = self.reference_values[arg.name]
-            if isinstance(ref, tuple):
-                continue
             qp = self.module.qat_grids.get(arg.name)
             if isinstance(ref, torch.Tensor):
                 ref = ref.to(_device(self.module))
@@ -94,7 +90,7 @@ def _assert_backend_matches_reference(prepared, x, backend, device):
     # the same graph (fused conv + add where the backend fuses them) computed by the reference kernels
     kernels = KERNEL_BACKENDS[backend]
     reference = lower(prepared, "reference", fuse_layer_add=kernels.fuses_layer_add,
-                      fuse_attention=kernels.fuses_attention, fuse_sibling_linears=kernels.fuses_sibling_linears,
+                      fuse_attention=kernels.fuses_attention,
                       int8_activations=kernels.int8_activations)
     ref_values = _reference_values(reference, x)
     fed = _FedReference(convert(prepared.to(device), backend).to(device), ref_values)
@@ -162,27 +158,6 @@ def test_fused_attention_computes_the_unfused_graph(backend, tmp_path):
         qat.export(fused, tmp_path / "fused.qat", example_inputs=(x,))
         assert torch.equal(qat.load(tmp_path / "fused.qat", backend=backend)(x), unfused(x))
     assert not any(isinstance(m, Int8Attention) for m in convert(prepared, backend).modules())  # declined
-
-
-@pytest.mark.parametrize("backend", ["reference", "fbgemm", "cuda"])
-def test_merged_sibling_linears_compute_the_separate_layers(backend, tmp_path):
-    """The q, k and v projections of each attention block (one input) become one Int8LinearColumns whose
-    blocks are the three layers' outputs; the model's outputs stay bit-identical, also after an artifact
-    round trip. (cuda: Triton's interpreter without a GPU.)"""
-    prepared, batches = _synthetic("tiny_transformer")
-    x = batches[0][0]
-    merged = lower(prepared, backend, fuse_sibling_linears=True)
-    separate = lower(prepared, backend, fuse_sibling_linears=False)
-    layers = [m for m in merged.modules() if isinstance(m, Int8LinearColumns)]
-    attention_blocks = [m for m in separate.modules() if isinstance(m, (Int8Attention, Int8Softmax))]
-    assert len(layers) == len(attention_blocks) > 0
-    assert all(m.columns.widths == (64, 64, 64) and m.bias is not None for m in layers)
-    with torch.no_grad():
-        assert torch.equal(merged(x), separate(x))
-        qat.export(merged, tmp_path / "merged.qat", example_inputs=(x,))
-        assert torch.equal(qat.load(tmp_path / "merged.qat", backend=backend)(x), separate(x))
-    on_default = any(isinstance(m, Int8LinearColumns) for m in convert(prepared, backend).modules())
-    assert on_default == KERNEL_BACKENDS[backend].fuses_sibling_linears  # merged only where it is one GEMM
 
 
 @pytest.mark.parametrize("backend", ["reference", "fbgemm"])

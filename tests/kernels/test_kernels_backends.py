@@ -19,7 +19,7 @@ from kernel_cases import (
 )
 
 from qat.kernels.reference import ReferenceBackend
-from qat.kernels.types import ActQParams, AttentionGrids, ColumnGrids, ConvGeometry, Int8Weight
+from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 
 REF = ReferenceBackend()
 OUTPUTS = ["float", "float_relu", "quant", "quant_relu"]
@@ -361,49 +361,6 @@ def test_linear_add_matches_unfused_graph(backend_name, case, relus):
     assert_quantized_agree(on.back(got, out_qp), expected)
     if relu:
         assert int(expected.min()) >= out_qp.zero_point
-
-
-# (activation shape, K, block widths, biased blocks): attention's q/k/v (head-sized blocks), odd widths,
-# a block of one column, blocks without a bias beside blocks with one
-LINEAR_COLUMNS_CASES = [((2, 9, 64), 64, (64, 64, 64), (True, True, True)), ((7, 13), 13, (5, 1, 19), (True, False, True)),
-                        ((33, 40), 40, (24, 8), (False, False)), ((1, 4, 96), 96, (130, 70, 200), (False, True, False))]
-
-
-@pytest.mark.parametrize("signed", [False, True], ids=["u8", "s8"])
-@pytest.mark.parametrize("case", LINEAR_COLUMNS_CASES, ids=str)
-@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
-def test_linear_columns_match_the_separate_linears(backend_name, case, signed):
-    """linear_columns over stacked weights == each sibling Linear on its own grid and ReLU (the reference's)."""
-    x_shape, k, widths, biased = case
-    on = OnBackend(backend_name)
-    x_qp = activation_qparams(False, activation_qmax(backend_name))
-    x = random_activation(x_shape, x_qp)
-    weights = [random_weight((n, k)) for n in widths]
-    biases = [torch.randn(n) if has_bias else None for n, has_bias in zip(widths, biased)]
-    relus = tuple(i % 2 == 1 for i in range(len(widths)))
-    qps = tuple(fitted_qparams(REF.linear(x, x_qp, REF.pack_linear(w, b)), signed) for w, b in zip(weights, biases))
-    expected = [REF.linear(x, x_qp, REF.pack_linear(w, b), qp, relu)
-                for w, b, qp, relu in zip(weights, biases, qps, relus)]
-    stacked = Int8Weight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]))
-    bias = None if not any(biased) else torch.cat([torch.zeros(n) if b is None else b for n, b in zip(widths, biases)])
-    columns = ColumnGrids(widths, qps, relus)
-    got = on.backend.linear_columns(on.act(x, x_qp), x_qp, on.backend.pack_linear_columns(stacked, bias, columns),
-                                    columns)
-    assert len(got) == len(widths)
-    for block, want, qp in zip(got, expected, qps):
-        assert_quantized_agree(on.back(block, qp), want)
-    if backend_name == "reference":
-        assert all(torch.equal(block, want) for block, want in zip(got, expected))
-
-
-def test_column_grids_reject_inconsistent_blocks():
-    u8, s8 = ActQParams(0.1, 3, 0, 255), ActQParams(0.1, 3, -128, 127)
-    with pytest.raises(ValueError, match="one code dtype"):
-        ColumnGrids((2, 2), (u8, s8), (False, False))
-    with pytest.raises(ValueError, match="one width, grid and ReLU flag per block"):
-        ColumnGrids((2, 2), (u8,), (False, False))
-    with pytest.raises(ValueError, match="need 5 weight rows, got 4"):
-        REF.pack_linear_columns(random_weight((4, 3)), None, ColumnGrids((2, 3), (u8, u8), (False, False)))
 
 
 # (MaxPool2d arguments, channels_last input)
