@@ -122,7 +122,9 @@ def _default_file_mode() -> int:
 
 
 def _check_round_trip(int8: fx.GraphModule, tmp: str, example_inputs: tuple) -> None:
-    loaded = load(tmp, backend=int8.qat_backend)
+    """Load the written file where ``int8`` lives (a model on the GPU is checked on the GPU) and compare."""
+    device = next(iter(int8.buffers()), torch.empty(0)).device
+    loaded = load(tmp, backend=int8.qat_backend, device=device)
     with torch.no_grad():
         expected, got = int8(*example_inputs), loaded(*example_inputs)
     if not torch.equal(expected, got):

@@ -15,10 +15,10 @@ from qat.fx import QuantConfig, calibrate, prepare
 from qat.models.registry import MODELS, build_model
 
 
-def _int8(name, backend="fbgemm"):
+def _int8(name, backend="fbgemm", device="cpu"):
     entry = MODELS[name]
-    model = build_model(name, num_classes=10, **dict(entry.small_kwargs)).eval()
-    x = entry.example_input(4, small=True)
+    model = build_model(name, num_classes=10, **dict(entry.small_kwargs)).eval().to(device)
+    x = entry.example_input(4, small=True).to(device)
     prepared = prepare(model, QuantConfig.preset("w8a8"), (x,))
     calibrate(prepared, [x])
     return convert(prepared, backend), x
@@ -36,6 +36,20 @@ def test_round_trip_is_exact(tmp_path, name, backend):
         assert torch.equal(loaded(x), int8(x))
     assert loaded.qat_artifact_versions["torch"] == torch.__version__
     assert loaded.qat_quant_config["weight"]["spec"]["bits"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet20", "tiny_transformer"])
+def test_gpu_model_is_checked_and_loaded_on_the_gpu(tmp_path, name):
+    """export() checks the written file where the model lives (it used to load it on the CPU, so exporting a
+    GPU model with example inputs failed on a device mismatch)."""
+    int8, x = _int8(name, "cuda", device="cuda")
+    path = tmp_path / f"{name}.qat"
+    export(int8, path, example_inputs=(x,))
+    loaded = load(path, device="cuda")
+    assert loaded.qat_backend == "cuda" and next(loaded.buffers()).device.type == "cuda"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), int8(x))
 
 
 def test_loads_in_a_fresh_process_without_model_source(tmp_path):
