@@ -666,10 +666,31 @@ def _epilogue_args(out_qp: ActQParams | None, relu: bool, residual: Residual | N
     return scalars, flags  # a quantized output applies ReLU through its clamp floor: one compiled variant
 
 
+_CHOSEN: dict[tuple, dict] = {}  # (kernel, its autotuning key) -> the chosen tile's launch arguments
+_KEY_POSITIONS: dict[object, tuple[tuple[str, int], ...]] = {}  # kernel -> (name, position) of its key arguments
+
+
+def _tuning_key(kernel, args: tuple, constexprs: dict) -> tuple:
+    """The autotuner's own key (its key arguments' values, positional or constexpr, then every tensor
+    argument's dtype), with the kernel."""
+    if kernel not in _KEY_POSITIONS:
+        _KEY_POSITIONS[kernel] = tuple((name, kernel.arg_names.index(name)) for name in kernel.keys)
+    values = (args[i] if i < len(args) else constexprs[name] for name, i in _KEY_POSITIONS[kernel])
+    return (kernel, *values, *(a.dtype for a in args if isinstance(a, Tensor)))
+
+
 def _launch(kernel, grid, args: tuple, constexprs: dict, config: Tile | None) -> None:
-    """Autotuned launch, or one forced tile (``config``) through the kernel under the autotuner."""
+    """Autotuned launch, or one forced tile (``config``) through the kernel under the autotuner. Once a key is
+    tuned, later launches pass its tile straight to the kernel under the autotuner: the autotuner's per-call
+    work (merging the arguments into dicts, the dtype key) is host time on every eager int8 forward."""
     if config is None:
-        kernel[grid](*args, **constexprs, **NO_FMA)
+        key = _tuning_key(kernel, args, constexprs)
+        chosen = _CHOSEN.get(key)
+        if chosen is None:
+            kernel[grid](*args, **constexprs, **NO_FMA)
+            _CHOSEN[key] = kernel.best_config.all_kwargs()
+        else:
+            kernel.fn[grid](*args, **constexprs, **chosen, **NO_FMA)
         return
     inner = kernel.fn  # the heuristics wrapper: it still derives EVEN_K / EVEN_C from BK
     meta = {"BM": config.bm, "BN": config.bn, "BK": config.bk, "GROUP_M": 8}

@@ -86,6 +86,7 @@ def test_autotuned_kernels_match_reference(monkeypatch):
     for kernel in (tk._conv_kernel, tk._conv_rows_kernel, tk._gemm_kernel):
         monkeypatch.setattr(kernel, "configs", [t.config() for t in tk.TILES])
         monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(tk, "_CHOSEN", {})  # tiles chosen by earlier tests' single-tile autotuner
     backend = cuda.CudaBackend()
     x_qp = activation_qparams(False)
     # (input shape, weight shape, geometry): tap-major with padded channels; the row-packed RGB stem
@@ -102,3 +103,23 @@ def test_autotuned_kernels_match_reference(monkeypatch):
     lin_qp = fitted_qparams(REF.linear(rows, x_qp, REF.pack_linear(lin, None)))
     got = backend.linear(rows.cuda(), x_qp, backend.pack_linear(lin, None), lin_qp)
     assert_quantized_agree(got.cpu(), REF.linear(rows, x_qp, REF.pack_linear(lin, None), lin_qp))
+
+
+def test_a_tuned_shape_launches_its_tile_without_the_autotuner(monkeypatch):
+    """The first launch of a shape goes through the autotuner; later ones pass its chosen tile straight to the
+    kernel, with or without bias (the autotuner's key leaves the constexprs out), with the same results."""
+    monkeypatch.setattr(tk, "_CHOSEN", {})
+    runs = []
+    autotuner_run = tk._gemm_kernel.run
+    monkeypatch.setattr(tk._gemm_kernel, "run", lambda *a, **k: runs.append(1) or autotuner_run(*a, **k))
+    x_qp = activation_qparams(False)
+    x = random_activation((40, 96), x_qp)
+    weight = random_weight((24, 96))
+    gw = cuda.pack_gemm_weight(weight.q[:, :, None, None].to(DEVICE))
+    for bias in (torch.randn(24), None):
+        out_qp = fitted_qparams(REF.linear(x, x_qp, REF.pack_linear(weight, bias)))
+        got = tk.linear(x.to(DEVICE), x_qp, gw.w, gw.wsum, weight.scale.to(DEVICE),
+                        None if bias is None else bias.to(DEVICE), out_qp, False)
+        assert_quantized_agree(got.cpu(), REF.linear(x, x_qp, REF.pack_linear(weight, bias), out_qp))
+    assert len(runs) == 1 and len(tk._CHOSEN) == 1
+    assert next(iter(tk._CHOSEN.values())) == tk._gemm_kernel.best_config.all_kwargs()
