@@ -7,6 +7,9 @@
     python scripts/bench_gpu_qat.py --model resnet50 --image-size 224 --batch 128 --cuda-graph
     python scripts/bench_gpu_qat.py --device cpu --model resnet18 --batch 16 --threads 2 --iters 10 --warmup 3
     python scripts/bench_gpu_qat.py --device cpu --batch 2 --image-size 32 --iters 2 --warmup 1   # smoke test
+    python scripts/bench_gpu_qat.py --device cpu --batch 8 --image-size 32 --iters 2 --warmup 1 --profile
+    (the profile's 5 extra steps on one random batch of 2 can diverge: the W8A8 observer then stops the run on
+    non-finite weights, naming them; a batch of 8 trains stably)
 
 A step is forward + backward + SGD step (momentum 0.9; ``--fused-sgd``: torch's fused one) on a fixed random
 batch, channels_last. Rows: float fp32, float under bf16 autocast, torch.ao ``prepare_qat_fx`` (default x86 QAT
