@@ -33,6 +33,7 @@ from torch import fx, nn
 import qat
 from qat.artifact.codecs import FUNCTION_NAMES, FUNCTIONS, METHODS, SAFE_ATTRIBUTES, ExportError, decode_arg, \
     decode_module, encode_arg, encode_module
+from qat.fx.api import model_device
 from qat.fx.rewrite import set_preserved_attr
 from qat.kernels import BACKENDS, default_backend
 
@@ -123,8 +124,7 @@ def _default_file_mode() -> int:
 
 def _check_round_trip(int8: fx.GraphModule, tmp: str, example_inputs: tuple) -> None:
     """Load the written file where ``int8`` lives (a model on the GPU is checked on the GPU) and compare."""
-    device = next(iter(int8.buffers()), torch.empty(0)).device
-    loaded = load(tmp, backend=int8.qat_backend, device=device)
+    loaded = load(tmp, backend=int8.qat_backend, device=model_device(int8))
     with torch.no_grad():
         expected, got = int8(*example_inputs), loaded(*example_inputs)
     if not torch.equal(expected, got):

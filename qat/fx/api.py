@@ -53,7 +53,7 @@ def prepare(model: nn.Module, config: QuantConfig, example_inputs: tuple, inplac
     propagate_shapes(gm, example_inputs)
     decisions = plan(gm, config, traced.leaves)
     gm = rewrite(gm, decisions, config)
-    device = _model_device(model)
+    device = model_device(model)
     for quantizer in quantizers(gm):
         quantizer.to(device)  # built on the CPU; the model may live on a GPU
     set_preserved_attr(gm, "qat_plan", decisions)
@@ -104,7 +104,9 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> nn.Module:
     return model
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter, else of its first buffer (int8 models hold only buffers); CPU
+    for a model with neither."""
     tensor = next(model.parameters(), None)
     if tensor is None:
         tensor = next(model.buffers(), torch.empty(0))
@@ -118,7 +120,7 @@ def calibrate(model: nn.Module, batches: Iterable, num_batches: int | None = Non
     it is on, and with `freeze` the observers are off, so the ranges stay fixed.
     """
     was_training = model.training
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     enable_fake_quant(model, False)
     enable_observer(model, True)
