@@ -37,8 +37,11 @@ MAX_LAYER_NORM = 16384  # a row's channels held by one program
 MAX_SOFTMAX = 16384  # likewise for softmax rows
 _SOFTMAX_ELEMENTS = 512  # elements per softmax program (short rows share one): ViT-B/16's 197-key rows on an
 # H200, 2 rows on 2 warps 295 us, 8 rows on 4 warps 347 us, 32 rows on 8 warps 760 us (copy: 64 us)
-_LAYER_NORM_PROGRAM = (4096, 4)  # elements per loop step (rows share one), warps: ViT-B/16 rows of 768 on an H200,
-# 1 row on 4 warps 74 us, 2 rows 61 us, 4 rows 58 us, 8 rows on 8 warps 56 us (copy: 24 us)
+# elements per loop step (rows share one; their count rounded down to a power of two), warps. ViT-B/16 batch 256
+# (50432 rows of 768) on an H200, column chunks 512 + 256 with integer statistics: 2 rows on 4 warps 73 us, 4 rows
+# 59 us, 8 rows 56 us, 8 rows on 8 warps 63 us; the float-statistics kernel before, one 1024 block of 4 rows, 69 us
+# (an int8 copy: 26 us; alternating rounds in one process)
+_LAYER_NORM_PROGRAM = (8192, 4)
 # the LayerNorm's persistent grid (programs per SM) and its loads in flight: ViT-B/16 batch 256 on an H200, one
 # program per 4 rows 112 us, 8 programs per SM looping with 3 stages 91 us (4 per SM, 2 stages 99 us; copy 34 us)
 _LAYER_NORM_PERSISTENT = (8, 3)
@@ -333,31 +336,73 @@ def _quantize_kernel(x_ptr, out_ptr, n, inv_scale, zero_point, lo, hi, BLOCK: tl
 
 
 @triton.jit
+def _row_codes(q_ptr, offs, start, C, zero, live, BC: tl.constexpr, LAST: tl.constexpr):
+    """Columns ``start .. start + BC`` of a group of rows (``offs``: their first elements; ``live``: rows that
+    exist) as int32 codes minus the zero point, 0 past C (which only the LAST chunk reaches)."""
+    cols = start + tl.arange(0, BC)
+    mask = live[:, None]
+    if LAST:
+        mask = mask & (cols < C)[None, :]
+    return tl.load(q_ptr + offs[:, None] + cols[None, :], mask=mask, other=zero).to(tl.int32) - zero
+
+
+@triton.jit
+def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live, inv_scale, out_zero, lo, hi,
+                      HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, BC: tl.constexpr,
+                      LAST: tl.constexpr):
+    """``(c - mean) * mult * weight + bias`` of one column chunk, stored (requantized unless OUT_FLOAT)."""
+    cols = start + tl.arange(0, BC)
+    inside = cols < C
+    mask = live[:, None]
+    if LAST:
+        mask = mask & inside[None, :]
+    y = (c.to(tl.float32) - mean[:, None]) * mult[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(b_ptr + cols, mask=inside, other=0.0)[None, :]
+    _store_output(out_ptr + offs[:, None] + cols[None, :], y, mask, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
+
+
+@triton.jit
 def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, rows, C, scale, zero, eps, inv_scale, out_zero, lo, hi,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr):
-    """Groups of ROWS rows of C codes, each program looping over every num_programs-th group (weight and bias
-    loaded once, the next group's codes loaded while this one is normalised): dequantize,
-    (x - mean) / sqrt(biased var + eps) * weight + bias, store."""
-    cols = tl.arange(0, BLOCK)
-    col_inside = cols < C
-    if HAS_WEIGHT:
-        weight = tl.load(w_ptr + cols, mask=col_inside, other=0.0)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + cols, mask=col_inside, other=0.0)[None, :]
+                       ROWS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """Groups of ROWS rows of C codes in column chunks of C1, C2 (if > 0), C3 (if > 0), each program looping
+    over every num_programs-th group (the next group's codes loaded while this one is normalised).
+
+    The row statistics are exact integer sums of the centred codes c = q - zero: mean = scale * S1 / C and
+    biased variance = scale^2 * (C * S2 - S1^2) / C^2 (S1 = sum c, S2 = sum c^2, in int64 past int32), so
+    ``y = (c - S1 / C) * scale / sqrt(var + eps) * weight + bias`` takes four float operations per code before
+    the requantization, where the float two-pass statistics take three more and round twice."""
+    mult_spread = scale * scale / (C * C)
     for group in tl.range(tl.program_id(0), tl.cdiv(rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         row = group * ROWS + tl.arange(0, ROWS)
-        inside = (row < rows)[:, None] & col_inside[None, :]
-        offs = row.to(tl.int64)[:, None] * C + cols[None, :]
-        x = (tl.load(q_ptr + offs, mask=inside, other=0).to(tl.float32) - zero) * scale
-        mean = tl.sum(tl.where(inside, x, 0.0), axis=1) / C
-        centred = tl.where(inside, x - mean[:, None], 0.0)
-        y = centred * (1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / C + eps))[:, None]
-        if HAS_WEIGHT:
-            y = y * weight
-        if HAS_BIAS:
-            y = y + bias
-        _store_output(out_ptr + offs, y, inside, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
+        live = row < rows
+        offs = row.to(tl.int64) * C
+        c1 = _row_codes(q_ptr, offs, 0, C, zero, live, C1, C2 == 0)
+        s1 = tl.sum(c1, axis=1)
+        s2 = tl.sum(c1 * c1, axis=1)
+        if C2 > 0:
+            c2 = _row_codes(q_ptr, offs, C1, C, zero, live, C2, C3 == 0)
+            s1 += tl.sum(c2, axis=1)
+            s2 += tl.sum(c2 * c2, axis=1)
+        if C3 > 0:
+            c3 = _row_codes(q_ptr, offs, C1 + C2, C, zero, live, C3, True)
+            s1 += tl.sum(c3, axis=1)
+            s2 += tl.sum(c3 * c3, axis=1)
+        spread = s2.to(tl.int64) * C - s1.to(tl.int64) * s1  # C^2 * variance / scale^2, exact
+        mean = s1.to(tl.float32) / C
+        mult = scale / tl.sqrt(spread.to(tl.float32) * mult_spread + eps)
+        _normalised_store(c1, mean, mult, w_ptr, b_ptr, out_ptr, offs, 0, C, live, inv_scale, out_zero, lo, hi,
+                          HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C1, C2 == 0)
+        if C2 > 0:
+            _normalised_store(c2, mean, mult, w_ptr, b_ptr, out_ptr, offs, C1, C, live, inv_scale, out_zero, lo,
+                              hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C2, C3 == 0)
+        if C3 > 0:
+            _normalised_store(c3, mean, mult, w_ptr, b_ptr, out_ptr, offs, C1 + C2, C, live, inv_scale, out_zero,
+                              lo, hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C3, True)
 
 
 @triton.jit
@@ -485,11 +530,12 @@ def _bmm_kernel(a_ptr, b_ptr, out_ptr, M, N, K, INNER, sa0, sa1, sam, sak, sb0, 
 # block 568 us; 32 rows 546 us; 128 rows on 8 warps 451 us; the int8-dot kernel this replaced 547 us; bf16 flash
 # attention 166 us; the unfused kernels 852 us. The softmax from centred codes with exp2 and one reciprocal per row
 # instead of expf and a division per score: 545 -> 385 us (460 -> 358 on another H200; each pair in one process);
-# a last block of 16 rows for the 5 left over (197 = 3 * 64 + 5) made it slower (498 against 477 us).
+# a last block of 16 rows for the 5 left over (197 = 3 * 64 + 5) made it slower (498 against 477 us). Masking only
+# the last key chunk (the others lie inside the keys) and no lower clamp on the probabilities' codes: 301 -> 267 us.
 _ATTENTION_ROWS, _ATTENTION_WARPS = 64, 4
 MAX_ATTENTION_KEYS = 256  # keys of one query row held by one program; also the fp16 dots' exactness bound
 MAX_ATTENTION_HEAD = 128  # head dim
-_KEY_CHUNK_MIN = 16  # fp16 dots take K steps of 16
+_CHUNK_MIN = 16  # fp16 dots take K steps of 16
 _ROW_LOOP_PROGRAMS_PER_SM = 2  # one program per head where there are enough heads to fill the GPU
 
 
@@ -499,10 +545,12 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def key_chunks(keys: int) -> tuple[int, int, int]:
-    """Up to three powers of two (at least 16; 0 = no chunk) whose sum covers ``keys``, so that few padded keys
-    go through the softmax: ``key_chunks(197) == (128, 64, 16)``, ``key_chunks(256) == (256, 0, 0)``."""
-    rest, chunks = -(-keys // _KEY_CHUNK_MIN) * _KEY_CHUNK_MIN, []
+def power_of_two_chunks(n: int) -> tuple[int, int, int]:
+    """Up to three powers of two (at least 16; 0 = no chunk) whose sum covers ``n`` with little padding
+    (attention's keys, LayerNorm's columns): ``power_of_two_chunks(197) == (128, 64, 16)``,
+    ``power_of_two_chunks(768) == (512, 256, 0)``. Every chunk but the last lies inside ``n``, so only the last
+    needs a mask."""
+    rest, chunks = -(-n // _CHUNK_MIN) * _CHUNK_MIN, []
     while rest > 0 and len(chunks) < 2:
         chunks.append(1 << (rest.bit_length() - 1))
         rest -= chunks[-1]
@@ -529,38 +577,40 @@ def _key_chunk(k_ptr, v_ptr, start, S, rd, head, skd, sks, svs, svd, k_zero, v_z
 
 
 @triton.jit
-def _chunk_codes(q, k, start, S, qk_mult, s_inv_scale, c_lo, c_hi, BC: tl.constexpr):
+def _chunk_codes(q, k, start, S, qk_mult, s_inv_scale, c_lo, c_hi, BC: tl.constexpr, LAST: tl.constexpr):
     """One key chunk's scores as codes minus the zero point: ``clamp(round(q @ k * qk_mult * s_inv_scale), c_lo,
-    c_hi)``, the unfused matmul's arithmetic; -inf past S."""
+    c_hi)``, the unfused matmul's arithmetic; -inf past S, which only the LAST chunk reaches (``key_chunks``)."""
     codes = round_half_even(tl.dot(q, k, out_dtype=tl.float32) * qk_mult * s_inv_scale)
     codes = tl.minimum(tl.maximum(codes, c_lo), c_hi)
-    live = (start + tl.arange(0, BC)) < S
-    return tl.where(live[None, :], codes, float("-inf"))
+    if LAST:
+        live = (start + tl.arange(0, BC)) < S
+        codes = tl.where(live[None, :], codes, float("-inf"))
+    return codes
 
 
 @triton.jit
-def _chunk_output(e, r, v, c_lo, c_hi):
+def _chunk_output(e, r, v, c_hi):
     """One key chunk's share of the output: the probabilities' codes minus the zero point,
-    ``clamp(round(e * r), c_lo, c_hi)`` with ``r = p_inv_scale / total``, ``@ v`` (exact). A padded key's e is
-    0, and so is its code (0 lies in every grid)."""
-    p = tl.minimum(tl.maximum(round_half_even(e * r[:, None]), c_lo), c_hi)
+    ``clamp(round(e * r), c_lo, c_hi)`` with ``r = p_inv_scale / total``, ``@ v`` (exact). ``e * r >= 0`` and
+    ``c_lo <= 0`` (0 lies in every grid), so only c_hi clamps. A padded key's e is 0, and so is its code."""
+    p = tl.minimum(round_half_even(e * r[:, None]), c_hi)
     return tl.dot(p.to(tl.float16), v, out_dtype=tl.float32)
 
 
 @triton.jit
 def _attention_rows(q_ptr, out_ptr, rm, L, S, rd, head, sql, sqd, sol, sod, q_zero, qk_mult, s_inv_scale, s_lo, s_hi,
-                    exp2_mult, p_inv_scale, p_lo, p_hi, pv_mult, inv_scale, zero_point, lo, hi, k1, v1, k2, v2, k3,
-                    v3, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, OUT_FLOAT: tl.constexpr):
+                    exp2_mult, p_inv_scale, p_hi, pv_mult, inv_scale, zero_point, lo, hi, k1, v1, k2, v2, k3, v3,
+                    C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, OUT_FLOAT: tl.constexpr):
     """Query rows ``rm`` against the key chunks (k1, v1), (k2, v2) where C2 > 0, (k3, v3) where C3 > 0."""
     q_mask = (rm[:, None] < L) & head[None, :]
     q = _centred(tl.load(q_ptr + rm[:, None] * sql + rd[None, :] * sqd, mask=q_mask), q_zero, q_mask)
-    x1 = _chunk_codes(q, k1, 0, S, qk_mult, s_inv_scale, s_lo, s_hi, C1)
+    x1 = _chunk_codes(q, k1, 0, S, qk_mult, s_inv_scale, s_lo, s_hi, C1, C2 == 0)
     top = tl.max(x1, axis=1)
     if C2 > 0:
-        x2 = _chunk_codes(q, k2, C1, S, qk_mult, s_inv_scale, s_lo, s_hi, C2)
+        x2 = _chunk_codes(q, k2, C1, S, qk_mult, s_inv_scale, s_lo, s_hi, C2, C3 == 0)
         top = tl.maximum(top, tl.max(x2, axis=1))
     if C3 > 0:
-        x3 = _chunk_codes(q, k3, C1 + C2, S, qk_mult, s_inv_scale, s_lo, s_hi, C3)
+        x3 = _chunk_codes(q, k3, C1 + C2, S, qk_mult, s_inv_scale, s_lo, s_hi, C3, True)
         top = tl.maximum(top, tl.max(x3, axis=1))
     e1 = tl.math.exp2((x1 - top[:, None]) * exp2_mult)
     total = tl.sum(e1, axis=1)
@@ -571,11 +621,11 @@ def _attention_rows(q_ptr, out_ptr, rm, L, S, rd, head, sql, sqd, sol, sod, q_ze
         e3 = tl.math.exp2((x3 - top[:, None]) * exp2_mult)
         total += tl.sum(e3, axis=1)
     r = p_inv_scale / total
-    out = _chunk_output(e1, r, v1, p_lo, p_hi)
+    out = _chunk_output(e1, r, v1, p_hi)
     if C2 > 0:
-        out += _chunk_output(e2, r, v2, p_lo, p_hi)
+        out += _chunk_output(e2, r, v2, p_hi)
     if C3 > 0:
-        out += _chunk_output(e3, r, v3, p_lo, p_hi)
+        out += _chunk_output(e3, r, v3, p_hi)
     _store_output(out_ptr + rm[:, None] * sol + rd[None, :] * sod, out * pv_mult, q_mask, inv_scale, zero_point,
                   lo, hi, OUT_FLOAT, False)
 
@@ -583,7 +633,7 @@ def _attention_rows(q_ptr, out_ptr, rm, L, S, rd, head, sql, sqd, sol, sod, q_ze
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, S, D, INNER, sq0, sq1, sql, sqd, sk0, sk1, skd, sks,
                       sv0, sv1, svs, svd, so0, so1, sol, sod, q_zero, k_zero, qk_mult, s_inv_scale, s_lo, s_hi,
-                      exp2_mult, p_inv_scale, p_lo, p_hi, v_zero, pv_mult, inv_scale, zero_point, lo, hi,
+                      exp2_mult, p_inv_scale, p_hi, v_zero, pv_mult, inv_scale, zero_point, lo, hi,
                       OUT_FLOAT: tl.constexpr, ROW_LOOP: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
                       C3: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
     """``q @ k_t`` -> scores' codes -> softmax of the logits -> probabilities' codes -> ``@ v`` -> stored, every
@@ -618,7 +668,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, L, S, D, INNER, sq0, sq1, sq
         k3, v3 = _key_chunk(k_ptr, v_ptr, C1 + C2, S, rd, head, skd, sks, svs, svd, k_zero, v_zero, C3)
     for i in range(count):
         _attention_rows(q_ptr, out_ptr, (first + i) * BM + tl.arange(0, BM), L, S, rd, head, sql, sqd, sol, sod,
-                        q_zero, qk_mult, s_inv_scale, s_lo, s_hi, exp2_mult, p_inv_scale, p_lo, p_hi, pv_mult,
+                        q_zero, qk_mult, s_inv_scale, s_lo, s_hi, exp2_mult, p_inv_scale, p_hi, pv_mult,
                         inv_scale, zero_point, lo, hi, k1, v1, k2, v2, k3, v3, C1, C2, C3, OUT_FLOAT)
 
 
@@ -813,21 +863,24 @@ def dequantize(q: Tensor, qp: ActQParams) -> Tensor:
 
 def layer_norm(q: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor | None, eps: float,
                out_qp: ActQParams | None) -> Tensor:
-    """LayerNorm over the last dim of a contiguous int8 tensor (rows up to MAX_LAYER_NORM), several short rows
-    per loop step (``_LAYER_NORM_PROGRAM``) of a persistent grid (``_LAYER_NORM_PERSISTENT``)."""
+    """LayerNorm over the last dim of a contiguous int8 tensor (rows up to MAX_LAYER_NORM) in power-of-two
+    column chunks, several short rows per loop step (``_LAYER_NORM_PROGRAM``) of a persistent grid
+    (``_LAYER_NORM_PERSISTENT``)."""
     c = q.shape[-1]
     rows = q.numel() // c
     out = torch.empty_like(q, dtype=torch.float32 if out_qp is None else out_qp.dtype)
-    block = max(triton.next_power_of_2(c), 16)
+    chunks = power_of_two_chunks(c)
+    padded = sum(chunks)
     elements, warps = _LAYER_NORM_PROGRAM
-    per_program = max(1, elements // block)
+    per_program = 1 << (max(1, elements // padded).bit_length() - 1)  # a power of two
     programs_per_sm, stages = _LAYER_NORM_PERSISTENT
     programs = min(triton.cdiv(rows, per_program), programs_per_sm * _sm_count(q.device))
+    c1, c2, c3 = chunks
     _layer_norm_kernel[(programs,)](
         q, weight if weight is not None else out, bias if bias is not None else out, out, rows, c, in_qp.scale,
         in_qp.zero_point, eps, *_requant_args(out_qp, False), HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, ROWS=per_program, BLOCK=block, STAGES=stages,
-        num_warps=warps if block <= 2048 else 8, **NO_FMA)
+        HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, ROWS=per_program, C1=c1, C2=c2, C3=c3,
+        STAGES=stages, num_warps=warps if padded <= 2048 else 8, **NO_FMA)
     return out
 
 
@@ -915,11 +968,11 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     batches = outer * inner
     row_loop = batches >= _ROW_LOOP_PROGRAMS_PER_SM * _sm_count(q.device)
     programs = batches if row_loop else batches * triton.cdiv(rows, _ATTENTION_ROWS)
-    c1, c2, c3 = key_chunks(keys)
+    c1, c2, c3 = power_of_two_chunks(keys)
     _attention_kernel[(programs,)](
         q, k_t, v, out, rows, keys, d, inner, *q.stride(), *k_t.stride(), *v.stride(), *out.stride(),
         grids.q.zero_point, grids.k.zero_point, grids.q.scale * grids.k.scale, *_centred_grid_args(s_qp),
-        grids.logits.scale * math.log2(math.e), *_centred_grid_args(p_qp), grids.v.zero_point,
+        grids.logits.scale * math.log2(math.e), p_qp.inv_scale, p_qp.qmax - p_qp.zero_point, grids.v.zero_point,
         p_qp.scale * grids.v.scale, *_requant_args(out_qp, False), OUT_FLOAT=out_qp is None, ROW_LOOP=row_loop,
         C1=c1, C2=c2, C3=c3, BD=max(16, triton.next_power_of_2(d)),
         BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS, **NO_FMA)

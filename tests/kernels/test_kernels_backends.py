@@ -400,7 +400,7 @@ def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name, case, 
 
 # (shape, affine)
 LAYER_NORM_CASES = [((2, 7, 48), True), ((5, 100), True), ((3, 33), False), ((1, 4, 768), True),
-                    ((37, 9, 768), True)]  # the last: 84 loop steps, more than the interpreter's 8 programs
+                    ((37, 9, 768), True)]  # the last: 42 loop steps of 8 rows, more than the interpreter's 8 programs
 
 
 @pytest.mark.parametrize("out", ["float", "quant"])
@@ -421,6 +421,18 @@ def test_layer_norm(backend_name, shape, affine, signed, out):
     out_qp = fitted_qparams(y_ref, signed)
     got = on.back(on.backend.layer_norm(on.act(q, in_qp), in_qp, *on_device, 1e-6, out_qp), out_qp)
     assert_quantized_agree(got, REF.layer_norm(q, in_qp, weight, bias, 1e-6, out_qp))
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+def test_layer_norm_of_constant_rows_is_the_bias(backend_name):
+    """A row of one code has zero variance: every output is the bias (no NaN from the variance's rounding)."""
+    on = OnBackend(backend_name)
+    in_qp, out_qp = ActQParams(0.05, 3, -128, 127), ActQParams(0.02, 0, -128, 127)
+    q = torch.tensor([[-128] * 100, [127] * 100, [3] * 100], dtype=torch.int8)
+    bias = torch.linspace(-1.0, 1.0, 100)
+    got = on.back(on.backend.layer_norm(on.act(q, in_qp), in_qp, torch.ones(100, device=on.device),
+                                        bias.to(on.device), 1e-6, out_qp), out_qp)
+    assert torch.equal(got, torch.round(bias / 0.02).to(torch.int8).expand(3, 100))
 
 
 # (shape): attention rows (197 keys), a short odd row, a wide row, one row

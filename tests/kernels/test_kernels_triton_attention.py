@@ -26,18 +26,20 @@ DEVICE = DEVICES["cuda"]
 _centred = tk._centred
 
 
-@pytest.mark.parametrize("keys", range(1, tk.MAX_ATTENTION_KEYS + 1))
-def test_key_chunks_cover_the_keys_with_little_padding(keys):
-    chunks = [c for c in tk.key_chunks(keys) if c]
+@pytest.mark.parametrize("n", [*range(1, tk.MAX_ATTENTION_KEYS + 1), 768, 1000, 3072, 4095, tk.MAX_LAYER_NORM])
+def test_power_of_two_chunks_cover_with_little_padding(n):
+    chunks = [c for c in tk.power_of_two_chunks(n) if c]
     assert 1 <= len(chunks) <= 3 and all(c >= 16 and c & (c - 1) == 0 for c in chunks)
-    assert keys <= sum(chunks) <= max(triton.next_power_of_2(keys), 16)
-    assert sum(chunks) - keys < max(16, sum(chunks) // 4)  # at most a quarter padded beyond the 16-key step
+    assert n <= sum(chunks) <= max(triton.next_power_of_2(n), 16)
+    assert sum(chunks) - n < max(16, sum(chunks) // 4)  # at most a quarter padded beyond the 16-element step
+    assert sum(chunks[:-1]) <= n  # only the last chunk reaches past n: the kernels mask it alone
 
 
-def test_key_chunks_of_vit():
-    assert tk.key_chunks(197) == (128, 64, 16)
-    assert tk.key_chunks(256) == (256, 0, 0)
-    assert tk.key_chunks(7) == (16, 0, 0)
+def test_power_of_two_chunks_of_vit():
+    assert tk.power_of_two_chunks(197) == (128, 64, 16)  # keys
+    assert tk.power_of_two_chunks(768) == (512, 256, 0)  # LayerNorm columns
+    assert tk.power_of_two_chunks(256) == (256, 0, 0)
+    assert tk.power_of_two_chunks(7) == (16, 0, 0)
 
 
 @triton.jit
