@@ -30,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from qat.fx import patterns
+from qat.fx.api import model_device
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule, unfold_relus
 from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
 from qat.int8 import modules as q8
@@ -114,7 +115,7 @@ class _Lowering:
         self.value_map: dict[str, str] = {}  # activation quantizer name -> int8 node carrying its value
         self.relu6_ops: set[fx.Node] = set()  # layers with a fused ReLU6: their output clamp narrows
         self.count = 0
-        self.device = next(iter(gm.buffers()), torch.empty(0)).device  # where lookup tables are computed
+        self.device = model_device(gm)  # where lookup tables are computed
 
     def _add_module(self, prefix: str, module: nn.Module) -> str:
         self.count += 1

@@ -6,6 +6,7 @@ from torch import fx
 import qat
 from qat.data import cifar10_test_batches
 from qat.fx import QuantConfig, calibrate, prepare
+from qat.fx.api import model_device
 from qat.int8 import ConversionError, compare, convert, layer_agreement
 from qat.int8.lower import lower
 from qat.int8.modules import (
@@ -60,17 +61,12 @@ class _FedReference(fx.Interpreter):
             ref = self.reference_values[arg.name]
             qp = self.module.qat_grids.get(arg.name)
             if isinstance(ref, torch.Tensor):
-                ref = ref.to(_device(self.module))
+                ref = ref.to(model_device(self.module))
             self.env[arg] = self.backend.to_backend(ref, qp) if qp else ref
         out = super().run_node(n)
         if n.name in self.module.qat_grids:
             self.outputs[n.name] = self.backend.from_backend(out, self.module.qat_grids[n.name]).cpu().int()
         return out
-
-
-def _device(gm):
-    tensor = next(iter(gm.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _reference_values(int8, x):
