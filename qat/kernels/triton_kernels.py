@@ -336,31 +336,34 @@ def _quantize_kernel(x_ptr, out_ptr, n, inv_scale, zero_point, lo, hi, BLOCK: tl
 
 
 @triton.jit
-def _row_codes(q_ptr, offs, start, C, zero, live, BC: tl.constexpr, LAST: tl.constexpr):
+def _row_codes(q_ptr, offs, start, C, zero, live, BC: tl.constexpr, PAST_C: tl.constexpr):
     """Columns ``start .. start + BC`` of a group of rows (``offs``: their first elements; ``live``: rows that
-    exist) as int32 codes minus the zero point, 0 past C (which only the LAST chunk reaches)."""
+    exist) as int32 codes minus the zero point; where the chunk reaches PAST_C, 0 there. A missing row's codes
+    are never stored (the loads' fill value is 0 rather than the zero point: one select per element fewer)."""
     cols = start + tl.arange(0, BC)
     mask = live[:, None]
-    if LAST:
+    if PAST_C:
         mask = mask & (cols < C)[None, :]
-    return tl.load(q_ptr + offs[:, None] + cols[None, :], mask=mask, other=zero).to(tl.int32) - zero
+    codes = tl.load(q_ptr + offs[:, None] + cols[None, :], mask=mask, other=0).to(tl.int32) - zero
+    if PAST_C:
+        codes = tl.where((cols < C)[None, :], codes, 0)
+    return codes
 
 
 @triton.jit
 def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live, inv_scale, out_zero, lo, hi,
                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, BC: tl.constexpr,
-                      LAST: tl.constexpr):
+                      PAST_C: tl.constexpr):
     """``(c - mean) * mult * weight + bias`` of one column chunk, stored (requantized unless OUT_FLOAT)."""
     cols = start + tl.arange(0, BC)
-    inside = cols < C
     mask = live[:, None]
-    if LAST:
-        mask = mask & inside[None, :]
+    if PAST_C:
+        mask = mask & (cols < C)[None, :]
     y = (c.to(tl.float32) - mean[:, None]) * mult[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=inside, other=0.0)[None, :]
+        y = y * tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=inside, other=0.0)[None, :]
+        y = y + tl.load(b_ptr + cols, mask=cols < C, other=0.0)[None, :]
     _store_output(out_ptr + offs[:, None] + cols[None, :], y, mask, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
 
 
@@ -368,9 +371,10 @@ def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live
 def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, rows, C, scale, zero, eps, inv_scale, out_zero, lo, hi,
                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr,
                        ROWS: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       PADDED: tl.constexpr, STAGES: tl.constexpr):
     """Groups of ROWS rows of C codes in column chunks of C1, C2 (if > 0), C3 (if > 0), each program looping
-    over every num_programs-th group (the next group's codes loaded while this one is normalised).
+    over every num_programs-th group (the next group's codes loaded while this one is normalised). PADDED: the
+    chunk (1, 2 or 3) that reaches past C and masks its columns, 0 where the chunks end at C.
 
     The row statistics are exact integer sums of the centred codes c = q - zero: mean = scale * S1 / C and
     biased variance = scale^2 * (C * S2 - S1^2) / C^2 (S1 = sum c, S2 = sum c^2, in int64 past int32), so
@@ -381,28 +385,28 @@ def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, rows, C, scale, zero, eps, 
         row = group * ROWS + tl.arange(0, ROWS)
         live = row < rows
         offs = row.to(tl.int64) * C
-        c1 = _row_codes(q_ptr, offs, 0, C, zero, live, C1, C2 == 0)
+        c1 = _row_codes(q_ptr, offs, 0, C, zero, live, C1, PADDED == 1)
         s1 = tl.sum(c1, axis=1)
         s2 = tl.sum(c1 * c1, axis=1)
         if C2 > 0:
-            c2 = _row_codes(q_ptr, offs, C1, C, zero, live, C2, C3 == 0)
+            c2 = _row_codes(q_ptr, offs, C1, C, zero, live, C2, PADDED == 2)
             s1 += tl.sum(c2, axis=1)
             s2 += tl.sum(c2 * c2, axis=1)
         if C3 > 0:
-            c3 = _row_codes(q_ptr, offs, C1 + C2, C, zero, live, C3, True)
+            c3 = _row_codes(q_ptr, offs, C1 + C2, C, zero, live, C3, PADDED == 3)
             s1 += tl.sum(c3, axis=1)
             s2 += tl.sum(c3 * c3, axis=1)
         spread = s2.to(tl.int64) * C - s1.to(tl.int64) * s1  # C^2 * variance / scale^2, exact
         mean = s1.to(tl.float32) / C
         mult = scale / tl.sqrt(spread.to(tl.float32) * mult_spread + eps)
         _normalised_store(c1, mean, mult, w_ptr, b_ptr, out_ptr, offs, 0, C, live, inv_scale, out_zero, lo, hi,
-                          HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C1, C2 == 0)
+                          HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C1, PADDED == 1)
         if C2 > 0:
             _normalised_store(c2, mean, mult, w_ptr, b_ptr, out_ptr, offs, C1, C, live, inv_scale, out_zero, lo,
-                              hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C2, C3 == 0)
+                              hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C2, PADDED == 2)
         if C3 > 0:
             _normalised_store(c3, mean, mult, w_ptr, b_ptr, out_ptr, offs, C1 + C2, C, live, inv_scale, out_zero,
-                              lo, hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C3, True)
+                              lo, hi, HAS_WEIGHT, HAS_BIAS, OUT_FLOAT, C3, PADDED == 3)
 
 
 @triton.jit
@@ -876,11 +880,12 @@ def layer_norm(q: Tensor, in_qp: ActQParams, weight: Tensor | None, bias: Tensor
     programs_per_sm, stages = _LAYER_NORM_PERSISTENT
     programs = min(triton.cdiv(rows, per_program), programs_per_sm * _sm_count(q.device))
     c1, c2, c3 = chunks
+    padded_chunk = sum(1 for n in chunks if n) if padded > c else 0
     _layer_norm_kernel[(programs,)](
         q, weight if weight is not None else out, bias if bias is not None else out, out, rows, c, in_qp.scale,
         in_qp.zero_point, eps, *_requant_args(out_qp, False), HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None, OUT_FLOAT=out_qp is None, ROWS=per_program, C1=c1, C2=c2, C3=c3,
-        STAGES=stages, num_warps=warps if padded <= 2048 else 8, **NO_FMA)
+        PADDED=padded_chunk, STAGES=stages, num_warps=warps if padded <= 2048 else 8, **NO_FMA)
     return out
 
 

@@ -398,8 +398,9 @@ def test_max_pool_on_codes_matches_dequantize_pool_quantize(backend_name, case, 
     assert torch.equal(on.back(got, qp), expected)
 
 
-# (shape, affine)
-LAYER_NORM_CASES = [((2, 7, 48), True), ((5, 100), True), ((3, 33), False), ((1, 4, 768), True),
+# (shape, affine); widths in power-of-two column chunks: 48 and 768 exactly, 20 one chunk past the row, 33 two,
+# 100 three (only the last chunk masks its columns)
+LAYER_NORM_CASES = [((2, 7, 48), True), ((6, 20), False), ((5, 100), True), ((3, 33), False), ((1, 4, 768), True),
                     ((37, 9, 768), True)]  # the last: 42 loop steps of 8 rows, more than the interpreter's 8 programs
 
 
