@@ -351,6 +351,16 @@ def _row_codes(q_ptr, offs, start, C, zero, live, BC: tl.constexpr, PAST_C: tl.c
 
 
 @triton.jit
+def _column_values(ptr, cols, C, PAST_C: tl.constexpr):
+    """A per-column vector at ``cols``, 0 past C where the chunk reaches PAST_C (else unmasked loads)."""
+    if PAST_C:
+        values = tl.load(ptr + cols, mask=cols < C, other=0.0)
+    else:
+        values = tl.load(ptr + cols)
+    return values
+
+
+@triton.jit
 def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live, inv_scale, out_zero, lo, hi,
                       HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_FLOAT: tl.constexpr, BC: tl.constexpr,
                       PAST_C: tl.constexpr):
@@ -361,9 +371,9 @@ def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live
         mask = mask & (cols < C)[None, :]
     y = (c.to(tl.float32) - mean[:, None]) * mult[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(w_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        y = y * _column_values(w_ptr, cols, C, PAST_C)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(b_ptr + cols, mask=cols < C, other=0.0)[None, :]
+        y = y + _column_values(b_ptr, cols, C, PAST_C)[None, :]
     _store_output(out_ptr + offs[:, None] + cols[None, :], y, mask, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
 
 
