@@ -38,9 +38,10 @@ MAX_SOFTMAX = 16384  # likewise for softmax rows
 _SOFTMAX_ELEMENTS = 512  # elements per softmax program (short rows share one): ViT-B/16's 197-key rows on an
 # H200, 2 rows on 2 warps 295 us, 8 rows on 4 warps 347 us, 32 rows on 8 warps 760 us (copy: 64 us)
 # elements per loop step (rows share one; their count rounded down to a power of two), warps. ViT-B/16 batch 256
-# (50432 rows of 768) on an H200, column chunks 512 + 256 with integer statistics: 2 rows on 4 warps 73 us, 4 rows
-# 59 us, 8 rows 56 us, 8 rows on 8 warps 63 us; the float-statistics kernel before, one 1024 block of 4 rows, 69 us
-# (an int8 copy: 26 us; alternating rounds in one process)
+# (50432 rows of 768) on an H200, column chunks 512 + 256 with integer statistics (a scratch version): 2 rows on 4
+# warps 73 us, 4 rows 59 us, 8 rows 56 us, 8 rows on 8 warps 63 us; float statistics on the same chunks 64 us; the
+# kernel before, float statistics on one 1024 block of 4 rows, 69 us (an int8 copy: 26 us). This kernel: 58-62 us
+# against 66-68 us for the one before (two runs; alternating rounds in one process each)
 _LAYER_NORM_PROGRAM = (8192, 4)
 # the LayerNorm's persistent grid (programs per SM) and its loads in flight: ViT-B/16 batch 256 on an H200, one
 # program per 4 rows 112 us, 8 programs per SM looping with 3 stages 91 us (4 per SM, 2 stages 99 us; copy 34 us)
@@ -593,7 +594,8 @@ def _key_chunk(k_ptr, v_ptr, start, S, rd, head, skd, sks, svs, svd, k_zero, v_z
 @triton.jit
 def _chunk_codes(q, k, start, S, qk_mult, s_inv_scale, c_lo, c_hi, BC: tl.constexpr, LAST: tl.constexpr):
     """One key chunk's scores as codes minus the zero point: ``clamp(round(q @ k * qk_mult * s_inv_scale), c_lo,
-    c_hi)``, the unfused matmul's arithmetic; -inf past S, which only the LAST chunk reaches (``key_chunks``)."""
+    c_hi)``, the unfused matmul's arithmetic; -inf past S, which only the LAST chunk reaches
+    (``power_of_two_chunks``)."""
     codes = round_half_even(tl.dot(q, k, out_dtype=tl.float32) * qk_mult * s_inv_scale)
     codes = tl.minimum(tl.maximum(codes, c_lo), c_hi)
     if LAST:
