@@ -387,10 +387,11 @@ def _layer_norm_kernel(q_ptr, w_ptr, b_ptr, out_ptr, rows, C, scale, zero, eps, 
     over every num_programs-th group (the next group's codes loaded while this one is normalised). PADDED: the
     chunk (1, 2 or 3) that reaches past C and masks its columns, 0 where the chunks end at C.
 
-    The row statistics are exact integer sums of the centred codes c = q - zero: mean = scale * S1 / C and
-    biased variance = scale^2 * (C * S2 - S1^2) / C^2 (S1 = sum c, S2 = sum c^2, in int64 past int32), so
-    ``y = (c - S1 / C) * scale / sqrt(var + eps) * weight + bias`` takes four float operations per code before
-    the requantization, where the float two-pass statistics take three more and round twice."""
+    The row statistics are exact integer sums of the centred codes c = q - zero (|c| <= 255): S1 = sum c and
+    S2 = sum c^2 fit int32 for rows up to MAX_LAYER_NORM, and C * S2 - S1^2 is formed in int64. Then mean =
+    scale * S1 / C, biased variance = scale^2 * (C * S2 - S1^2) / C^2, and ``y = (c - S1 / C) * (scale /
+    sqrt(var + eps)) * weight + bias``: four float operations per code before the requantization, where float
+    statistics dequantize each code and take two more passes over the row."""
     mult_spread = scale * scale / (C * C)
     for group in tl.range(tl.program_id(0), tl.cdiv(rows, ROWS), tl.num_programs(0), num_stages=STAGES):
         row = group * ROWS + tl.arange(0, ROWS)
