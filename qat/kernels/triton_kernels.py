@@ -337,15 +337,22 @@ def _quantize_kernel(x_ptr, out_ptr, n, inv_scale, zero_point, lo, hi, BLOCK: tl
 
 
 @triton.jit
+def _chunk_mask(live, cols, C, PAST_C: tl.constexpr):
+    """[rows, cols] mask of a column chunk: the rows that exist, and where the chunk reaches PAST_C, cols < C."""
+    mask = live[:, None]
+    if PAST_C:
+        mask = mask & (cols < C)[None, :]
+    return mask
+
+
+@triton.jit
 def _row_codes(q_ptr, offs, start, C, zero, live, BC: tl.constexpr, PAST_C: tl.constexpr):
     """Columns ``start .. start + BC`` of a group of rows (``offs``: their first elements; ``live``: rows that
     exist) as int32 codes minus the zero point; where the chunk reaches PAST_C, 0 there. A missing row's codes
     are never stored (the loads' fill value is 0 rather than the zero point: one select per element fewer)."""
     cols = start + tl.arange(0, BC)
-    mask = live[:, None]
-    if PAST_C:
-        mask = mask & (cols < C)[None, :]
-    codes = tl.load(q_ptr + offs[:, None] + cols[None, :], mask=mask, other=0).to(tl.int32) - zero
+    codes = tl.load(q_ptr + offs[:, None] + cols[None, :], mask=_chunk_mask(live, cols, C, PAST_C),
+                    other=0).to(tl.int32) - zero
     if PAST_C:
         codes = tl.where((cols < C)[None, :], codes, 0)
     return codes
@@ -367,15 +374,13 @@ def _normalised_store(c, mean, mult, w_ptr, b_ptr, out_ptr, offs, start, C, live
                       PAST_C: tl.constexpr):
     """``(c - mean) * mult * weight + bias`` of one column chunk, stored (requantized unless OUT_FLOAT)."""
     cols = start + tl.arange(0, BC)
-    mask = live[:, None]
-    if PAST_C:
-        mask = mask & (cols < C)[None, :]
     y = (c.to(tl.float32) - mean[:, None]) * mult[:, None]
     if HAS_WEIGHT:
         y = y * _column_values(w_ptr, cols, C, PAST_C)[None, :]
     if HAS_BIAS:
         y = y + _column_values(b_ptr, cols, C, PAST_C)[None, :]
-    _store_output(out_ptr + offs[:, None] + cols[None, :], y, mask, inv_scale, out_zero, lo, hi, OUT_FLOAT, False)
+    _store_output(out_ptr + offs[:, None] + cols[None, :], y, _chunk_mask(live, cols, C, PAST_C), inv_scale,
+                  out_zero, lo, hi, OUT_FLOAT, False)
 
 
 @triton.jit
@@ -983,6 +988,7 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     out = (torch.empty_like(v, dtype=dtype) if v.shape == (outer, inner, rows, d)
            else torch.empty(outer, inner, rows, d, dtype=dtype, device=q.device))
     s_qp, p_qp = grids.scores, grids.probs.as_int8()
+    p_inv_scale, _, p_hi = _centred_grid_args(p_qp)  # no lower bound: the probabilities' codes are >= 0 >= it
     batches = outer * inner
     row_loop = batches >= _ROW_LOOP_PROGRAMS_PER_SM * _sm_count(q.device)
     programs = batches if row_loop else batches * triton.cdiv(rows, _ATTENTION_ROWS)
@@ -990,7 +996,7 @@ def attention(q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids, out_qp: 
     _attention_kernel[(programs,)](
         q, k_t, v, out, rows, keys, d, inner, *q.stride(), *k_t.stride(), *v.stride(), *out.stride(),
         grids.q.zero_point, grids.k.zero_point, grids.q.scale * grids.k.scale, *_centred_grid_args(s_qp),
-        grids.logits.scale * math.log2(math.e), p_qp.inv_scale, p_qp.qmax - p_qp.zero_point, grids.v.zero_point,
+        grids.logits.scale * math.log2(math.e), p_inv_scale, p_hi, grids.v.zero_point,
         p_qp.scale * grids.v.scale, *_requant_args(out_qp, False), OUT_FLOAT=out_qp is None, ROW_LOOP=row_loop,
         C1=c1, C2=c2, C3=c3, BD=max(16, triton.next_power_of_2(d)),
         BM=_ATTENTION_ROWS, num_warps=_ATTENTION_WARPS, **NO_FMA)
