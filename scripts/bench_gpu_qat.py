@@ -132,7 +132,21 @@ def make_optimizer(model: nn.Module, setup: Setup) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=setup.fused_sgd or None)
 
 
-def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:
+@dataclass(frozen=True)
+class GraphedStep:
+    """A step captured in a CUDA graph; a call replays it. It holds the model and the optimizer: the graph reads
+    and writes their tensors at fixed addresses, which must outlive it (freed, the next variant's build reuses
+    them and the replay corrupts that variant or faults)."""
+
+    graph: torch.cuda.CUDAGraph
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> GraphedStep:
     """The step captured in a CUDA graph (warm-up on a side stream, autocast's cast cache off, gradients
     allocated inside the graph), as in PyTorch's whole-network capture recipe; a call replays it. Possible
     because a QAT step never synchronises with the host and its Python-side switches stay fixed."""
@@ -155,7 +169,7 @@ def make_graphed_step(model: nn.Module, setup: Setup, autocast: bool) -> Callabl
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
-    return graph.replay
+    return GraphedStep(graph, model, optimizer)
 
 
 def make_step(model: nn.Module, setup: Setup, autocast: bool) -> Callable[[], None]:

@@ -45,9 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.int8.lower import int8_weight
-from qat.fx.modules import (
-    FUSED_ACTIVATIONS, QConv, QConvTranspose2d, QLinear, QuantizedWeightModule, unfold_relus,
-)
+from qat.fx.modules import FUSED_ACTIVATIONS, QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
+from qat.fx.rewrite import unfold_relus
 from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, QuantizerBase
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear

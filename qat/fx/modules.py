@@ -328,13 +328,3 @@ def fold_relu_into_quantizer(layer: QuantizedWeightModule, quantizer: QuantizerB
         raise ValueError(f"only a fused 'relu' moves into a quantizer, the layer has activation={layer.activation!r}")
     layer.activation_in_output_quantizer = True
     quantizer.applies_relu = True
-
-
-def unfold_relus(model: nn.Module) -> None:
-    """Undo :func:`fold_relu_into_quantizer` everywhere in `model` (in place): each layer applies its own
-    activation again, the form convert and export start from (a layer computes what its int8 twin does)."""
-    for m in model.modules():
-        if isinstance(m, QuantizedWeightModule):
-            m.activation_in_output_quantizer = False
-        elif isinstance(m, QuantizerBase):
-            m.applies_relu = False

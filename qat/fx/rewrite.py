@@ -1,12 +1,17 @@
 """Rewrite: apply a QuantPlan to a traced GraphModule mechanically (no decisions are made here)."""
 from __future__ import annotations
 
+from collections import Counter
+
+import torch
 from torch import fx, nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from qat.fx import patterns
 from qat.fx.leaf_swaps import LEAF_SWAPS
 from qat.fx.modules import FLOAT_TO_QAT, QuantizedWeightModule, fold_relu_into_quantizer
 from qat.fx.plan import QuantPlan
+from qat.quant.fake_quantize import QuantizerBase
 
 ACT_CONTAINER = "act_quantizers"
 
@@ -60,21 +65,70 @@ def _insert_activation_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
             current[a.node] = fq
 
 
+def _sole_quantizer_reader(node: fx.Node, calls: Counter) -> fx.Node | None:
+    """The activation quantizer reading `node` when it is node's only reader and is called once in the graph."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    is_quantizer = user.op == "call_module" and user.target.startswith(f"{ACT_CONTAINER}.")
+    return user if is_quantizer and calls[user.target] == 1 and user.args[0] is node else None
+
+
 def _fold_relus(gm: fx.GraphModule) -> None:
-    """A layer with a fused ReLU whose only reader is an activation quantizer hands the ReLU to it (see
-    fold_relu_into_quantizer); both must be called once in the graph, so the flags concern this call alone."""
-    calls: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    for node in gm.graph.nodes:
-        layer = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if not isinstance(layer, QuantizedWeightModule) or layer.activation != "relu" or len(node.users) != 1:
+    """Hand ReLUs to the activation quantizer after them when it is their only reader: a layer's fused ReLU
+    (see fold_relu_into_quantizer; the layer must be called once, as the flags concern this call alone) and a
+    standalone ReLU node (a residual block's after its add), which leaves the graph. The quantizer then
+    computes fake_quant(relu(x)), with relu's gradient, in its own passes: no ReLU pass forward or backward.
+    :func:`unfold_relus` undoes both."""
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        quantizer_node = _sole_quantizer_reader(node, calls)
+        if quantizer_node is None:
             continue
-        (user,) = node.users
-        is_quantizer = user.op == "call_module" and user.target.startswith(f"{ACT_CONTAINER}.")
-        if is_quantizer and calls[node.target] == 1 and calls[user.target] == 1:
-            fold_relu_into_quantizer(layer, gm.get_submodule(user.target))
+        quantizer = modules[quantizer_node.target]
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(layer, QuantizedWeightModule):
+            if layer.activation == "relu" and calls[node.target] == 1:
+                fold_relu_into_quantizer(layer, quantizer)
+        elif patterns.activation_kind(node, modules) == "relu" and _only_reader_of_input(node):
+            quantizer_node.replace_input_with(node, node.args[0])
+            gm.graph.erase_node(node)
+            quantizer.applies_relu = True
+
+
+def _only_reader_of_input(node: fx.Node) -> bool:
+    """`node` reads one graph value and is its only reader (so an in-place ReLU changes nothing else)."""
+    source = node.args[0] if node.args else None
+    return isinstance(source, fx.Node) and list(source.users) == [node]
+
+
+def unfold_relus(model: nn.Module) -> None:
+    """Undo :func:`_fold_relus` in place: each layer applies its own ReLU again, and a ReLU node taken over
+    by a quantizer is back before it (``torch.relu``): the form convert and export start from, where the
+    int8 epilogues apply ReLUs. Raises ValueError for a quantizer applying a ReLU outside any graph (it
+    cannot be restored)."""
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        restored = False
+        for node in list(gm.graph.nodes):
+            quantizer = gm.get_submodule(node.target) if node.op == "call_module" else None
+            if not isinstance(quantizer, QuantizerBase) or not quantizer.applies_relu:
+                continue
+            source = node.args[0]
+            layer = gm.get_submodule(source.target) if source.op == "call_module" else None
+            if not (isinstance(layer, QuantizedWeightModule) and layer.activation_in_output_quantizer):
+                with gm.graph.inserting_before(node):
+                    node.replace_input_with(source, gm.graph.call_function(torch.relu, (source,)))
+                restored = True
+            quantizer.applies_relu = False
+        if restored:
+            gm.recompile()
+    for m in model.modules():
+        if isinstance(m, QuantizedWeightModule):
+            m.activation_in_output_quantizer = False
+        elif isinstance(m, QuantizerBase) and m.applies_relu:
+            raise ValueError("a quantizer outside the model's graph applies a ReLU (applies_relu=True): "
+                             "unfold_relus can restore only the ReLUs that prepare moved")
 
 
 def _swap_leaf_layers(gm: fx.GraphModule, plan: QuantPlan, config) -> None:

@@ -10,16 +10,36 @@ all at once. The batch shape is fixed at capture.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 
-def capture_cuda_graph(
-    module: torch.nn.Module, example: torch.Tensor, warmup: int = 3
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`module` (inference, on CUDA) captured for inputs shaped and typed like `example`; the returned
-    function copies its input into the graph's input buffer, replays, and returns a copy of the output.
+@dataclass(frozen=True)
+class CapturedForward:
+    """A module's forward captured in a CUDA graph: call it with an input shaped and typed like the example.
+
+    It holds the module: the graph reads the module's weights at their addresses, which must outlive it."""
+
+    module: torch.nn.Module
+    graph: torch.cuda.CUDAGraph
+    static_input: torch.Tensor
+    static_output: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Copies x into the graph's input buffer, replays, and returns a copy of the output."""
+        if x.shape != self.static_input.shape or x.dtype != self.static_input.dtype:
+            raise ValueError(
+                f"this CUDA graph was captured for inputs of shape {tuple(self.static_input.shape)} and dtype "
+                f"{self.static_input.dtype}, got {tuple(x.shape)} {x.dtype}; capture another one for that shape"
+            )
+        self.static_input.copy_(x)
+        self.graph.replay()
+        return self.static_output.clone()
+
+
+def capture_cuda_graph(module: torch.nn.Module, example: torch.Tensor, warmup: int = 3) -> CapturedForward:
+    """`module` (inference, on CUDA) captured for inputs shaped and typed like `example`.
     Warm-up calls (Triton compilation and autotuning, cuDNN algorithm choice) run on a side stream first."""
     if not example.is_cuda:
         raise ValueError(f"capture_cuda_graph needs a CUDA example input, got one on {example.device}")
@@ -34,15 +54,4 @@ def capture_cuda_graph(
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_output = module(static_input)
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape != static_input.shape or x.dtype != static_input.dtype:
-            raise ValueError(
-                f"this CUDA graph was captured for inputs of shape {tuple(static_input.shape)} and dtype "
-                f"{static_input.dtype}, got {tuple(x.shape)} {x.dtype}; capture another one for that shape"
-            )
-        static_input.copy_(x)
-        graph.replay()
-        return static_output.clone()
-
-    return run
+    return CapturedForward(module, graph, static_input, static_output)

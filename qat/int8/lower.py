@@ -31,8 +31,8 @@ from torch import fx, nn
 
 from qat.fx import patterns
 from qat.fx.api import model_device
-from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule, unfold_relus
-from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr
+from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
+from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr, unfold_relus
 from qat.int8 import modules as q8
 from qat.kernels import BACKENDS, ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize

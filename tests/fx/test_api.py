@@ -9,7 +9,9 @@ from torch import nn
 
 from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, check_finite, coverage,
                     enable_fake_quant, enable_observer, explain, prepare)
-from qat.fx.modules import QConv, QLinear, unfold_relus
+from qat.fx import patterns
+from qat.fx.modules import QConv, QLinear
+from qat.fx.rewrite import unfold_relus
 from qat.quant.fake_quantize import LearnableFakeQuantize
 
 
@@ -198,17 +200,32 @@ def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer
 
 
 
-def test_layer_relus_move_into_their_output_quantizers():
+def _relu_nodes(model: nn.Module) -> list[str]:
+    return [n.name for n in model.graph.nodes if patterns.activation_kind(n, dict(model.named_modules())) == "relu"]
+
+
+def test_relus_move_into_their_output_quantizers():
     """Each conv-bn-relu whose only reader is its output quantizer hands the ReLU to it (ResNet-18: the stem
-    and every block's first conv; the blocks' last ReLUs follow the residual add)."""
+    and every block's first conv), and so does each block's last ReLU, after the residual add: that node leaves
+    the graph. unfold_relus puts every one back."""
     prepared = prepare(torchvision.models.resnet18(num_classes=10).eval(), QuantConfig.preset("w8a8"),
                        (torch.randn(1, 3, 32, 32),))
     folded = [name for name, m in prepared.named_modules() if isinstance(m, QConv) and m.activation_in_output_quantizer]
     assert sorted(folded) == sorted(["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)])
-    assert sum(getattr(m, "applies_relu", False) for m in prepared.modules()) == len(folded)
+    assert _relu_nodes(prepared) == []
+    assert sum(getattr(m, "applies_relu", False) for m in prepared.modules()) == len(folded) + 8  # + 8 blocks
     unfold_relus(prepared)
     assert not any(getattr(m, "applies_relu", False) or getattr(m, "activation_in_output_quantizer", False)
                    for m in prepared.modules())
+    restored = [n for n in prepared.graph.nodes if n.target is torch.relu]
+    assert len(restored) == 8 and all(patterns.binary_kind(n.args[0]) == "add" for n in restored)
+
+
+def test_unfold_relus_names_a_relu_it_cannot_restore():
+    quantizer = QuantConfig.preset("w8a8").activation.build()
+    quantizer.applies_relu = True
+    with pytest.raises(ValueError, match="applies a ReLU"):
+        unfold_relus(nn.Sequential(quantizer))
 
 
 class ConvBnReluNet(nn.Module):
@@ -220,19 +237,21 @@ class ConvBnReluNet(nn.Module):
 
     def forward(self, x):
         y = self.a(x)
-        return self.head((self.b(y) + y).mean((2, 3)))
+        return self.head(torch.relu(self.b(y) + y).mean((2, 3)))
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
 def test_relus_in_quantizers_change_no_value_or_gradient(request, fused, preset):
     """The model computes the same outputs and gradients with its ReLUs in the quantizers as with every ReLU
-    in its layer (unfold_relus, the form convert starts from), on the torch path and on the fused kernels."""
+    in its layer or graph node (unfold_relus, the form convert starts from), on the torch path and on the
+    fused kernels."""
     if fused:
         request.getfixturevalue("triton_on_cpu")
     x = torch.randn(4, 3, 8, 8)
     prepared = prepare(ConvBnReluNet().eval(), QuantConfig.preset(preset), (x,))
     assert all(prepared.get_submodule(f"{n}.0").activation_in_output_quantizer for n in "ab")
+    assert _relu_nodes(prepared) == []  # the ReLU after the add is in the add's output quantizer
     unfolded = copy.deepcopy(prepared)
     unfold_relus(unfolded)
     results = []
