@@ -46,7 +46,7 @@ from torch import nn
 
 from qat.int8.lower import int8_weight
 from qat.fx.modules import FUSED_ACTIVATIONS, QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
-from qat.fx.rewrite import unfold_relus
+from qat.fx.rewrite import undo_training_fusions
 from qat.quant.fake_quantize import FakeQuantize, LearnableFakeQuantize, QuantizerBase
 
 MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
@@ -222,7 +222,7 @@ def exportable(prepared: nn.Module) -> nn.Module:
     """
     _check_exportable(prepared)
     model = copy.deepcopy(prepared).eval()
-    unfold_relus(model)  # export layers apply their own activation
+    undo_training_fusions(model)  # export layers apply their own activation; one node per quantizer
     for q in model.modules():
         if isinstance(q, QuantizerBase):
             q.disable_observer()  # settles stale qparams; exports freeze what the model computes now

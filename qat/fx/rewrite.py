@@ -1,6 +1,7 @@
 """Rewrite: apply a QuantPlan to a traced GraphModule mechanically (no decisions are made here)."""
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
@@ -11,7 +12,8 @@ from qat.fx import patterns
 from qat.fx.leaf_swaps import LEAF_SWAPS
 from qat.fx.modules import FLOAT_TO_QAT, QuantizedWeightModule, fold_relu_into_quantizer
 from qat.fx.plan import QuantPlan
-from qat.quant.fake_quantize import QuantizerBase
+from qat.quant.fake_quantize import LearnableFakeQuantize, QuantizerBase, quantize_chain
+from qat.quant.spec import Granularity
 
 ACT_CONTAINER = "act_quantizers"
 
@@ -48,7 +50,7 @@ def _swap_layers(gm: fx.GraphModule, plan: QuantPlan) -> None:
 
 def _insert_activation_quantizers(gm: fx.GraphModule, plan: QuantPlan) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
-    container = nn.ModuleDict()
+    container = ActivationQuantizers()
     for a in plan.activations:
         if a.quantizer not in container:
             container[a.quantizer] = a.config.build()
@@ -79,7 +81,7 @@ def _fold_relus(gm: fx.GraphModule) -> None:
     (see fold_relu_into_quantizer; the layer must be called once, as the flags concern this call alone) and a
     standalone ReLU node (a residual block's after its add), which leaves the graph. The quantizer then
     computes fake_quant(relu(x)), with relu's gradient, in its own passes: no ReLU pass forward or backward.
-    :func:`unfold_relus` undoes both."""
+    :func:`undo_training_fusions` undoes both."""
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     modules = dict(gm.named_modules())
     for node in list(gm.graph.nodes):
@@ -103,7 +105,64 @@ def _only_reader_of_input(node: fx.Node) -> bool:
     return isinstance(source, fx.Node) and list(source.users) == [node]
 
 
-def unfold_relus(model: nn.Module) -> None:
+def _chained_quantizer(node: fx.Node, calls: Counter, modules: dict[str, nn.Module]) -> bool:
+    """`node` calls, once in the graph, an activation quantizer that quantize_chain may fuse (per-tensor LSQ)."""
+    module = modules.get(node.target) if node.op == "call_module" else None
+    return (isinstance(module, LearnableFakeQuantize) and module.method != "pact" and calls[node.target] == 1
+            and module.spec.granularity is Granularity.PER_TENSOR and node.target.startswith(f"{ACT_CONTAINER}."))
+
+
+class ActivationQuantizers(nn.ModuleDict):
+    """The graph's activation quantizers, by name; a call runs two of them in a row (:func:`quantize_chain`)."""
+
+    def forward(self, x: torch.Tensor, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_chain(x, self[first], self[second])
+
+
+def _chain_quantizers(gm: fx.GraphModule) -> None:
+    """A quantizer reading another's output (a value on one grid requantized to another: the low-bit presets'
+    8-bit residual stream read at 4 bits) joins it in one call of the container (quantize_chain): one pass
+    each way instead of two plus a gradient sum. :func:`unchain_quantizers` undoes it."""
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    modules = dict(gm.named_modules())
+    prefix = len(ACT_CONTAINER) + 1
+    for second in list(gm.graph.nodes):
+        first = second.args[0] if second.args else None
+        if not (isinstance(first, fx.Node) and _chained_quantizer(second, calls, modules)
+                and _chained_quantizer(first, calls, modules)) or modules[second.target].applies_relu:
+            continue
+        with gm.graph.inserting_before(first):
+            pair = gm.graph.call_module(ACT_CONTAINER, (first.args[0], first.target[prefix:], second.target[prefix:]))
+            values = [gm.graph.call_function(operator.getitem, (pair, i)) for i in (0, 1)]
+        second.replace_all_uses_with(values[1])
+        gm.graph.erase_node(second)
+        first.replace_all_uses_with(values[0])
+        gm.graph.erase_node(first)
+
+
+def unchain_quantizers(gm: fx.GraphModule) -> None:
+    """Undo :func:`_chain_quantizers` in place: each chain is two quantizer calls again."""
+    for pair in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == ACT_CONTAINER]:
+        x, *names = pair.args
+        with gm.graph.inserting_before(pair):
+            first = gm.graph.call_module(f"{ACT_CONTAINER}.{names[0]}", (x,))
+            values = (first, gm.graph.call_module(f"{ACT_CONTAINER}.{names[1]}", (first,)))
+        for item in list(pair.users):
+            item.replace_all_uses_with(values[item.args[1]])
+            gm.graph.erase_node(item)
+        gm.graph.erase_node(pair)
+    gm.recompile()
+
+
+def undo_training_fusions(model: nn.Module) -> None:
+    """In place, the graph form convert, export and comparisons start from: quantizer chains are two calls
+    (:func:`unchain_quantizers`), ReLUs are in their layers or graph nodes (:func:`_unfold_relus`)."""
+    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
+        unchain_quantizers(gm)
+    _unfold_relus(model)
+
+
+def _unfold_relus(model: nn.Module) -> None:
     """Undo :func:`_fold_relus` in place: each layer applies its own ReLU again, and a ReLU node taken over
     by a quantizer is back before it (``torch.relu``): the form convert and export start from, where the
     int8 epilogues apply ReLUs. Raises ValueError for a quantizer applying a ReLU outside any graph (it
@@ -128,7 +187,7 @@ def unfold_relus(model: nn.Module) -> None:
             m.activation_in_output_quantizer = False
         elif isinstance(m, QuantizerBase) and m.applies_relu:
             raise ValueError("a quantizer outside the model's graph applies a ReLU (applies_relu=True): "
-                             "unfold_relus can restore only the ReLUs that prepare moved")
+                             "undo_training_fusions can restore only the ReLUs that prepare moved")
 
 
 def _swap_leaf_layers(gm: fx.GraphModule, plan: QuantPlan, config) -> None:
@@ -155,6 +214,7 @@ def rewrite(gm: fx.GraphModule, plan: QuantPlan, config) -> fx.GraphModule:
     _swap_layers(gm, plan)
     _insert_activation_quantizers(gm, plan)
     _fold_relus(gm)
+    _chain_quantizers(gm)
     _swap_leaf_layers(gm, plan, config)
     _swap_known_leaves(gm, plan, config)
     gm.graph.lint()

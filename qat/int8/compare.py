@@ -5,6 +5,7 @@ carries that value. Both models run on the same batches and the values are compa
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qat.fx.rewrite import ACT_CONTAINER
+from qat.fx.rewrite import ACT_CONTAINER, undo_training_fusions
 from qat.kernels import get_backend
 
 
@@ -42,6 +43,8 @@ def _record(gm: fx.GraphModule, wanted: set[str], x: torch.Tensor) -> dict[str, 
 def layer_agreement(prepared: fx.GraphModule, int8: fx.GraphModule, batches: Iterable) -> list[LayerAgreement]:
     """Agreement of every int8 value with its fake-quant counterpart, accumulated over `batches`."""
     backend = get_backend(int8.qat_backend)
+    prepared = copy.deepcopy(prepared)
+    undo_training_fusions(prepared)  # one node per quantizer, its value recorded
     fq_nodes = {n.target[len(ACT_CONTAINER) + 1:]: n.name for n in prepared.graph.nodes
                 if n.op == "call_module" and n.target.startswith(ACT_CONTAINER + ".")}
     pairs = {q: (fq_nodes[q], node) for q, node in int8.qat_value_map.items() if q in fq_nodes}

@@ -32,7 +32,7 @@ from torch import fx, nn
 from qat.fx import patterns
 from qat.fx.api import model_device
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
-from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr, unfold_relus
+from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr, undo_training_fusions
 from qat.int8 import modules as q8
 from qat.kernels import BACKENDS, ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
@@ -399,7 +399,7 @@ def lower(prepared: fx.GraphModule, backend: str, fuse_layer_add: bool | None = 
     int8_activations: carry uint8 activation grids as their int8 equivalents (None: where the backend's
     kernels prefer them; the same values either way, the codes 128 lower)."""
     gm = copy.deepcopy(prepared).eval()
-    unfold_relus(gm)  # each layer's ReLU back in the layer, where the int8 kernels' epilogues apply it
+    undo_training_fusions(gm)  # ReLUs back where the int8 epilogues apply them, quantizer chains two calls
     fuse_layer_add = BACKENDS[backend].fuses_layer_add if fuse_layer_add is None else fuse_layer_add
     fuse_attention = BACKENDS[backend].fuses_attention if fuse_attention is None else fuse_attention
     int8_activations = BACKENDS[backend].int8_activations if int8_activations is None else int8_activations

@@ -22,9 +22,9 @@ import torch
 
 from qat.quant import affine
 from qat.quant.affine import dynamic_fake_quantize, fake_quantize
-from qat.quant.learnable import lsq_fake_quantize, lsq_folds_relu, pact_fake_quantize, pact_scale
+from qat.quant.learnable import lsq_fake_quantize, lsq_folds_relu, lsq_grad_scale, pact_fake_quantize, pact_scale
 from qat.quant.observers import Observer
-from qat.quant.spec import QuantSpec
+from qat.quant.spec import Granularity, QuantSpec
 from qat.quant.state import ShapeFromStateDict, assign_
 
 
@@ -209,3 +209,40 @@ class LearnableFakeQuantize(QuantizerBase):
 
     def extra_repr(self) -> str:
         return f"{self.method}, {super().extra_repr()}"
+
+
+def _trained_lsq(quantizer: QuantizerBase) -> bool:
+    """A per-tensor LSQ / LSQ+ quantizer being trained: its range is its parameters (no observer pass)."""
+    return (isinstance(quantizer, LearnableFakeQuantize) and quantizer.method != "pact"
+            and quantizer.spec.granularity is Granularity.PER_TENSOR and quantizer.fake_quant_enabled
+            and not quantizer.observer_enabled and quantizer.initialized and not quantizer._stale)
+
+
+def chain_fuses(x: torch.Tensor, first: QuantizerBase, second: QuantizerBase) -> bool:
+    """:func:`quantize_chain` runs the two quantizers as one fused pass each way: both are per-tensor LSQ /
+    LSQ+ quantizers being trained, on a tensor the fused kernels serve (CUDA)."""
+    return (_trained_lsq(first) and _trained_lsq(second) and not second.applies_relu and x.numel() > 0
+            and affine.triton_applies(x, first.spec))
+
+
+def quantize_chain(x: torch.Tensor, first: QuantizerBase, second: QuantizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first(x), second(first(x))): a value on one grid that is also requantized to another, such as the 8-bit
+    residual stream read at 4 bits by the next convolutions (prepare puts two such calls in one). Where
+    :func:`chain_fuses`, one pass forward and one backward (the forward reads x once and not y1; the backward
+    adds y1's two gradients itself), with the values and gradients of the two calls; the modules' forward
+    hooks do not run then. Else the two calls.
+
+    >>> from qat.quant.observers import MinMaxObserver
+    >>> spec = QuantSpec(bits=4, signed=False)
+    >>> first, second = (LearnableFakeQuantize(spec, MinMaxObserver(spec)) for _ in range(2))
+    >>> y1, y2 = quantize_chain(torch.rand(16), first, second)
+    >>> torch.equal(y2, second.disable_observer()(y1))
+    True
+    """
+    if not chain_fuses(x, first, second):
+        y1 = first(x)
+        return y1, second(y1)
+    from qat.quant.triton_fake_quant import LearnedGrid, lsq_chain_fake_quantize
+
+    grids = [LearnedGrid(q.scale, q.zero_point, q.spec, lsq_grad_scale(x, q.spec)) for q in (first, second)]
+    return lsq_chain_fake_quantize(x, *grids, relu=first.applies_relu)

@@ -178,6 +178,91 @@ def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_p
         tl.store(partial_at + rows * n_blocks, tl.sum(g * outside, axis=0) * (-s * grad_scale))
 
 
+@triton.jit
+def _fake_quantized(x, s, inv_s, z, qmin, qmax):
+    """(y, v, rounded, codes) of the fake-quant of float32 x on the grid (s, z, [qmin, qmax]); NaN stays NaN."""
+    v = x * inv_s
+    rounded = round_half_even(v)
+    codes = rounded + z
+    clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                         propagate_nan=tl.PropagateNan.ALL)
+    return (clamped - z) * s, v, rounded, codes
+
+
+@triton.jit
+def _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr, eps, grad_scale):
+    """This block's sums of the LSQ scale and LSQ+ zero-point gradients for the upstream gradient g, as
+    _backward_kernel computes them."""
+    below, above = codes < qmin, codes > qmax
+    inside = (codes >= qmin) & (codes <= qmax)
+    d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
+    unclamped = (tl.load(scale_ptr).to(tl.float32) >= eps).to(tl.float32)
+    scale_sum = tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped)
+    zero_sum = tl.sum(g * (below | above).to(tl.float32), axis=0) * (-s * grad_scale)
+    return scale_sum, zero_sum
+
+
+@triton.jit
+def _chain_forward_kernel(x_ptr, y1_ptr, y2_ptr, scale1_ptr, zero1_ptr, scale2_ptr, zero2_ptr, numel, zero_value1,
+                          qmin1, qmax1, zero_value2, qmin2, qmax2, eps, HAS_ZERO1: tl.constexpr,
+                          HAS_ZERO2: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+    """y1 = fq1(x) (RELU: of relu(x)) and y2 = fq2(y1 as stored), both LSQ per-tensor grids."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inbounds = offs < numel
+    zero_value1, qmin1, qmax1, eps = _scalars_f32(zero_value1, qmin1, qmax1, eps)
+    zero_value2, qmin2, qmax2, _ = _scalars_f32(zero_value2, qmin2, qmax2, eps)
+    s1, inv_s1, z1 = _row_qparams(scale1_ptr, zero1_ptr, 0, zero_value1, qmin1, qmax1, eps, True, HAS_ZERO1)
+    s2, inv_s2, z2 = _row_qparams(scale2_ptr, zero2_ptr, 0, zero_value2, qmin2, qmax2, eps, True, HAS_ZERO2)
+    x = tl.load(x_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+    if RELU:
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y1 = _fake_quantized(x, s1, inv_s1, z1, qmin1, qmax1)[0].to(y1_ptr.dtype.element_ty)
+    tl.store(y1_ptr + offs, y1, mask=inbounds)
+    y2 = _fake_quantized(y1.to(tl.float32), s2, inv_s2, z2, qmin2, qmax2)[0]
+    tl.store(y2_ptr + offs, y2.to(y2_ptr.dtype.element_ty), mask=inbounds)
+
+
+@triton.jit
+def _chain_backward_kernel(grad1_ptr, grad2_ptr, x_ptr, grad_x_ptr, scale1_ptr, zero1_ptr, scale2_ptr, zero2_ptr,
+                           partial_ptr, numel, n_blocks, zero_value1, qmin1, qmax1, zero_value2, qmin2, qmax2, eps,
+                           grad_scale1, grad_scale2, HAS_ZERO1: tl.constexpr, HAS_ZERO2: tl.constexpr,
+                           RELU: tl.constexpr, BLOCK: tl.constexpr):
+    """The backward of _chain_forward_kernel: y1's gradient is grad1 + fq2's gradient to its input, summed in y1's
+    dtype as autograd sums them; grad_x = that * (code in fq1's range) (RELU: and x > 0). Block sums of the four
+    qparams' gradients (scale1, zero1, scale2, zero2) into partial[0..3, block]."""
+    block = tl.program_id(0)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inbounds = offs < numel
+    zero_value1, qmin1, qmax1, eps = _scalars_f32(zero_value1, qmin1, qmax1, eps)
+    zero_value2, qmin2, qmax2, _ = _scalars_f32(zero_value2, qmin2, qmax2, eps)
+    grad_scale1, grad_scale2 = tl.cast(grad_scale1, tl.float32), tl.cast(grad_scale2, tl.float32)
+    s1, inv_s1, z1 = _row_qparams(scale1_ptr, zero1_ptr, 0, zero_value1, qmin1, qmax1, eps, True, HAS_ZERO1)
+    s2, inv_s2, z2 = _row_qparams(scale2_ptr, zero2_ptr, 0, zero_value2, qmin2, qmax2, eps, True, HAS_ZERO2)
+    x = tl.load(x_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+    g1 = tl.load(grad1_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+    g2 = tl.load(grad2_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+    live = x > 0.0
+    if RELU:
+        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    y1, v1, rounded1, codes1 = _fake_quantized(x, s1, inv_s1, z1, qmin1, qmax1)
+    y1 = y1.to(grad_x_ptr.dtype.element_ty).to(tl.float32)  # as fq2 read it
+    _, v2, rounded2, codes2 = _fake_quantized(y1, s2, inv_s2, z2, qmin2, qmax2)
+    passes2 = ((codes2 >= qmin2) & (codes2 <= qmax2)).to(tl.float32)
+    g = (g1 + g2 * passes2).to(grad_x_ptr.dtype.element_ty).to(tl.float32)
+    passes1 = (codes1 >= qmin1) & (codes1 <= qmax1)
+    if RELU:
+        passes1 = passes1 & live
+    tl.store(grad_x_ptr + offs, (g * passes1.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
+    scale1_sum, zero1_sum = _lsq_block_sums(g, v1, rounded1, codes1, s1, z1, qmin1, qmax1, scale1_ptr, eps,
+                                            grad_scale1)
+    scale2_sum, zero2_sum = _lsq_block_sums(g2, v2, rounded2, codes2, s2, z2, qmin2, qmax2, scale2_ptr, eps,
+                                            grad_scale2)
+    tl.store(partial_ptr + block, scale1_sum)
+    tl.store(partial_ptr + n_blocks + block, zero1_sum)
+    tl.store(partial_ptr + 2 * n_blocks + block, scale2_sum)
+    tl.store(partial_ptr + 3 * n_blocks + block, zero2_sum)
+
+
 @dataclass(frozen=True)
 class _Grid:
     """Integer range and gradient options of one fused call (hashable constants, no tensors)."""
@@ -305,6 +390,74 @@ def _qparam_gradients(sums: Tensor | None, scale: Tensor, zero_point: Tensor | N
     grad_scale = sums[0].reshape(scale.shape).to(scale.dtype) if scale_grad else None
     grad_zero = sums[1].reshape(zero_point.shape).to(zero_point.dtype) if zero_grad else None
     return grad_scale, grad_zero
+
+
+@dataclass(frozen=True)
+class LearnedGrid:
+    """One LSQ / LSQ+ per-tensor quantizer of a chain: its parameters, spec and gradient scale."""
+
+    scale: Tensor
+    zero_point: Tensor | None
+    spec: QuantSpec
+    grad_scale: float
+
+
+def _chain_scalars(first: _Grid, second: _Grid) -> tuple:
+    """The kernels' float scalar arguments, first grid then second (zero value, qmin, qmax each)."""
+    return (first.zero_value, float(first.qmin), float(first.qmax), second.zero_value, float(second.qmin),
+            float(second.qmax))
+
+
+def _chain_forward(x: Tensor, scale1: Tensor, zero1: Tensor | None, scale2: Tensor, zero2: Tensor | None,
+                   first: _Grid, second: _Grid, traced: bool = False) -> tuple[Tensor, Tensor]:
+    """(y1, y2) of two per-tensor LSQ quantizers in a row: one read of x, no read of y1."""
+    y1, y2 = torch.empty_like(x), torch.empty_like(x)
+    block = _block(x.numel())
+    _launcher(_chain_forward_kernel, traced)[(triton.cdiv(x.numel(), block),)](
+        x, y1, y2, scale1, zero1 if zero1 is not None else scale1, scale2, zero2 if zero2 is not None else scale2,
+        x.numel(), *_chain_scalars(first, second), SCALE_EPS, HAS_ZERO1=zero1 is not None,
+        HAS_ZERO2=zero2 is not None, RELU=first.relu, BLOCK=block, num_warps=_streaming_warps(block),
+        **_options(traced),
+    )
+    return y1, y2
+
+
+def _chain_backward(grad1: Tensor, grad2: Tensor, x: Tensor, scale1: Tensor, zero1: Tensor | None, scale2: Tensor,
+                    zero2: Tensor | None, first: _Grid, second: _Grid, traced: bool = False) -> tuple[Tensor, Tensor]:
+    """(grad_x, sums (2, 2, 1): [quantizer][scale, zero point] gradients). Blocks as in :func:`_backward`."""
+    grad1, grad2 = same_layout(grad1, x), same_layout(grad2, x)
+    grad_x = torch.empty_like(x)
+    _, block, n_blocks = _launch_shape(x, 1, LSQ_BACKWARD_BLOCK)
+    partials = torch.empty((4, n_blocks), device=x.device, dtype=torch.float32)
+    _launcher(_chain_backward_kernel, traced)[(n_blocks,)](
+        grad1, grad2, x, grad_x, scale1, zero1 if zero1 is not None else scale1, scale2,
+        zero2 if zero2 is not None else scale2, partials, x.numel(), n_blocks, *_chain_scalars(first, second),
+        SCALE_EPS, first.grad_scale, second.grad_scale, HAS_ZERO1=zero1 is not None, HAS_ZERO2=zero2 is not None,
+        RELU=first.relu, BLOCK=block, num_warps=4, **_options(traced),
+    )
+    return grad_x, partials.sum(dim=-1).view(2, 2, 1)  # (4, blocks) -> [quantizer][scale, zero][row]
+
+
+def _chain_gradients(sums: Tensor, scale1, zero1, scale2, zero2, needs: Sequence[bool]) -> tuple:
+    """The four qparams' gradients (None where not needed) from _chain_backward's sums."""
+    return (*_qparam_gradients(sums[0], scale1, zero1, needs[0], needs[1]),
+            *_qparam_gradients(sums[1], scale2, zero2, needs[2], needs[3]))
+
+
+class _FusedChain(torch.autograd.Function):
+    """Two per-tensor LSQ / LSQ+ quantizers in a row, y2 = fq2(fq1(x)), as one forward and one backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale1, zero1, scale2, zero2, first: _Grid, second: _Grid):
+        ctx.grids = (first, second)
+        ctx.save_for_backward(x, scale1, zero1, scale2, zero2)
+        return _chain_forward(x, scale1, zero1, scale2, zero2, first, second)
+
+    @staticmethod
+    def backward(ctx, grad1, grad2):
+        x, scale1, zero1, scale2, zero2 = ctx.saved_tensors
+        grad_x, sums = _chain_backward(grad1, grad2, x, scale1, zero1, scale2, zero2, *ctx.grids)
+        return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, ctx.needs_input_grad[1:5]), None, None)
 
 
 class _FusedFakeQuantize(torch.autograd.Function):
@@ -463,6 +616,54 @@ def _lsq_backward_op(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Optiona
     return _backward(grad, x, scale, zero_point, rows, grid, scale_grad=True, zero_grad=True, traced=True)
 
 
+def _chain_fake(x, scale1, zero1, scale2, zero2, qmin1, qmax1, zero_value1, grad_scale1, qmin2, qmax2, zero_value2,
+                grad_scale2, relu):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _chain_grids(qmin1, qmax1, zero_value1, grad_scale1, qmin2, qmax2, zero_value2, grad_scale2, relu):
+    return (_Grid(qmin1, qmax1, learned=True, zero_value=zero_value1, grad_scale=grad_scale1, relu=relu),
+            _Grid(qmin2, qmax2, learned=True, zero_value=zero_value2, grad_scale=grad_scale2))
+
+
+@_operator("qat::fused_lsq_chain", fake=_chain_fake)
+def _chain_op(x: Tensor, scale1: Tensor, zero1: Optional[Tensor], scale2: Tensor, zero2: Optional[Tensor], qmin1: int,
+              qmax1: int, zero_value1: float, grad_scale1: float, qmin2: int, qmax2: int, zero_value2: float,
+              grad_scale2: float, relu: bool) -> tuple[Tensor, Tensor]:
+    """(y1, y2) of two per-tensor LSQ / LSQ+ quantizers in a row (the backward reads x again)."""
+    grids = _chain_grids(qmin1, qmax1, zero_value1, grad_scale1, qmin2, qmax2, zero_value2, grad_scale2, relu)
+    return _chain_forward(x, scale1, zero1, scale2, zero2, *grids, traced=True)
+
+
+def _setup_chain_op(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.arguments = inputs[5:]
+
+
+def _chain_op_backward(ctx, grad1, grad2):
+    x, scale1, zero1, scale2, zero2 = ctx.saved_tensors
+    grad_x, sums = torch.ops.qat.fused_lsq_chain_backward(grad1, grad2, x, scale1, zero1, scale2, zero2,
+                                                          *ctx.arguments)
+    return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, ctx.needs_input_grad[1:5])) + (None,) * 9
+
+
+_chain_op.register_autograd(_chain_op_backward, setup_context=_setup_chain_op)
+
+
+def _chain_backward_fake(grad1, grad2, x, scale1, zero1, scale2, zero2, *arguments):
+    return torch.empty_like(x), x.new_empty((2, 2, 1), dtype=torch.float32)
+
+
+@_operator("qat::fused_lsq_chain_backward", fake=_chain_backward_fake)
+def _chain_backward_op(grad1: Tensor, grad2: Tensor, x: Tensor, scale1: Tensor, zero1: Optional[Tensor], scale2: Tensor,
+                       zero2: Optional[Tensor], qmin1: int, qmax1: int, zero_value1: float, grad_scale1: float,
+                       qmin2: int, qmax2: int, zero_value2: float, grad_scale2: float,
+                       relu: bool) -> tuple[Tensor, Tensor]:
+    """(grad_x, the four qparams' gradient sums (2, 2, 1)) of :func:`_chain_op`."""
+    grids = _chain_grids(qmin1, qmax1, zero_value1, grad_scale1, qmin2, qmax2, zero_value2, grad_scale2, relu)
+    return _chain_backward(grad1, grad2, x, scale1, zero1, scale2, zero2, *grids, traced=True)
+
+
 def _apply(x: Tensor, scale: Tensor, zero_point: Tensor | None, rows: int, grid: _Grid) -> Tensor:
     """The fused fake-quant of rows of a dense x: the autograd function, or the operators under torch.compile."""
     if not torch.compiler.is_compiling():
@@ -528,3 +729,31 @@ def lsq_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor | None, spec:
     """Fused :func:`qat.quant.learnable.lsq_fake_quantize`: gradients to x, scale and (LSQ+) zero_point."""
     zero = None if zero_point is None else zero_point.reshape(-1)
     return _fused(x, scale.reshape(-1), zero, spec, _grid(spec, True, float(grad_scale), relu))
+
+
+def lsq_chain_fake_quantize(x: Tensor, first: LearnedGrid, second: LearnedGrid, relu: bool = False
+                            ) -> tuple[Tensor, Tensor]:
+    """(y1, y2) = (fq1(x), fq2(y1)) for two per-tensor LSQ / LSQ+ quantizers (`relu`: fq1 takes relu(x)), with
+    the values and gradients of the two calls in a row: one pass each way, where the two calls make two and
+    autograd adds y1's two gradients in a third. x must be a non-empty CUDA float tensor (or CPU under
+    Triton's interpreter).
+
+    >>> import torch
+    >>> from qat.quant.spec import QuantSpec
+    >>> if torch.cuda.is_available():  # doctest: +SKIP
+    ...     x = torch.randn(8, 16, device="cuda")
+    ...     grid = LearnedGrid(torch.tensor(0.1, device="cuda"), None, QuantSpec(bits=4, symmetric=True), 0.01)
+    ...     y1, y2 = lsq_chain_fake_quantize(x, grid, grid)
+    """
+    for grid in (first, second):
+        if grid.spec.granularity is not Granularity.PER_TENSOR:
+            raise ValueError(f"a quantizer chain takes per-tensor grids, got {grid.spec.granularity.value}")
+    x = _dense(x)
+    grids = [_grid(g.spec, True, float(g.grad_scale), relu and i == 0) for i, g in enumerate((first, second))]
+    params = [t for g in (first, second) for t in (g.scale.reshape(-1), None if g.zero_point is None
+                                                   else g.zero_point.reshape(-1))]
+    if not torch.compiler.is_compiling():
+        return _FusedChain.apply(x, *params, *grids)
+    one, two = grids
+    return torch.ops.qat.fused_lsq_chain(x, *params, one.qmin, one.qmax, one.zero_value, one.grad_scale, two.qmin,
+                                         two.qmax, two.zero_value, two.grad_scale, relu)

@@ -11,8 +11,8 @@ from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate
                     enable_fake_quant, enable_observer, explain, prepare)
 from qat.fx import patterns
 from qat.fx.modules import QConv, QLinear
-from qat.fx.rewrite import unfold_relus
-from qat.quant.fake_quantize import LearnableFakeQuantize
+from qat.fx.rewrite import undo_training_fusions
+from qat.quant.fake_quantize import LearnableFakeQuantize, chain_fuses
 
 
 class DataDependent(nn.Module):
@@ -161,14 +161,18 @@ def test_nan_in_an_observed_range_is_reported_with_the_quantizer_name():
 def test_low_bit_presets_quantize_layer_inputs_low_and_keep_the_residual_stream_at_8_bits():
     """w2a2_lsq: every conv between the first and last layers reads a 2-bit input (a requantizer where the
     value comes from the 8-bit residual stream); adds read and write 8 bits; int8 agrees with fake-quant."""
-    from qat.int8 import convert
+    from qat.int8 import convert, layer_agreement
     from qat.models import build_model
 
     x = torch.randn(4, 3, 32, 32)
     model = prepare(build_model("resnet20", 10).train(), QuantConfig.preset("w2a2_lsq"), example_inputs=(x,))
     calibrate(model, [torch.randn(8, 3, 32, 32)])
-    modules = dict(model.named_modules())
-    layers = [n for n in model.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], (QConv, QLinear))]
+    chains = [n for n in model.graph.nodes if n.op == "call_module" and n.target == "act_quantizers"]
+    assert len(chains) == 9  # each requantizer runs with the quantizer of the value it reads
+    plain = copy.deepcopy(model)
+    undo_training_fusions(plain)
+    modules = dict(plain.named_modules())
+    layers = [n for n in plain.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], (QConv, QLinear))]
     assert [modules[n.args[0].target].spec.bits for n in layers] == [8] + [2] * 18 + [8]
     acts = model.qat_plan.activations
     add_outputs = [a for a in acts if a.op.startswith("add")]
@@ -177,7 +181,10 @@ def test_low_bit_presets_quantize_layer_inputs_low_and_keep_the_residual_stream_
     requants = [a for a in acts if a.role == "requant"]
     assert len(requants) == 9 and all(a.config.spec.bits == 2 and len(a.users) == 1 for a in requants)
     model.eval()
-    assert torch.allclose(convert(model, backend="reference")(x), model(x), atol=1e-4)
+    int8 = convert(model, backend="reference")
+    assert torch.allclose(int8(x), model(x), atol=1e-4)
+    rows = layer_agreement(model, int8, [x])  # the chained quantizers' values too
+    assert {r.name for r in rows} == {a.quantizer for a in acts}
 
 
 def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer():
@@ -207,59 +214,69 @@ def _relu_nodes(model: nn.Module) -> list[str]:
 def test_relus_move_into_their_output_quantizers():
     """Each conv-bn-relu whose only reader is its output quantizer hands the ReLU to it (ResNet-18: the stem
     and every block's first conv), and so does each block's last ReLU, after the residual add: that node leaves
-    the graph. unfold_relus puts every one back."""
+    the graph. undo_training_fusions puts every one back."""
     prepared = prepare(torchvision.models.resnet18(num_classes=10).eval(), QuantConfig.preset("w8a8"),
                        (torch.randn(1, 3, 32, 32),))
     folded = [name for name, m in prepared.named_modules() if isinstance(m, QConv) and m.activation_in_output_quantizer]
     assert sorted(folded) == sorted(["conv1"] + [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)])
     assert _relu_nodes(prepared) == []
     assert sum(getattr(m, "applies_relu", False) for m in prepared.modules()) == len(folded) + 8  # + 8 blocks
-    unfold_relus(prepared)
+    undo_training_fusions(prepared)
     assert not any(getattr(m, "applies_relu", False) or getattr(m, "activation_in_output_quantizer", False)
                    for m in prepared.modules())
     restored = [n for n in prepared.graph.nodes if n.target is torch.relu]
     assert len(restored) == 8 and all(patterns.binary_kind(n.args[0]) == "add" for n in restored)
 
 
-def test_unfold_relus_names_a_relu_it_cannot_restore():
+def test_undoing_fusions_names_a_relu_it_cannot_restore():
     quantizer = QuantConfig.preset("w8a8").activation.build()
     quantizer.applies_relu = True
     with pytest.raises(ValueError, match="applies a ReLU"):
-        unfold_relus(nn.Sequential(quantizer))
+        undo_training_fusions(nn.Sequential(quantizer))
 
 
 class ConvBnReluNet(nn.Module):
+    """Two residual adds, the first followed by a ReLU; its output is read by the second add and by conv c
+    (low-bit presets: at 8 bits by the add, requantized for c)."""
+
     def __init__(self):
         super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a, self.b, self.c = (nn.Sequential(nn.Conv2d(c, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                  for c in (3, 8, 8))
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):
         y = self.a(x)
-        return self.head(torch.relu(self.b(y) + y).mean((2, 3)))
+        z = torch.relu(self.b(y) + y)
+        return self.head((self.c(z) + z).mean((2, 3)))
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a4_lsq"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton"])
-def test_relus_in_quantizers_change_no_value_or_gradient(request, fused, preset):
-    """The model computes the same outputs and gradients with its ReLUs in the quantizers as with every ReLU
-    in its layer or graph node (unfold_relus, the form convert starts from), on the torch path and on the
-    fused kernels."""
+def test_training_fusions_change_no_value_or_gradient(request, fused, preset):
+    """The model computes the same outputs and gradients with its ReLUs in the quantizers and its quantizer chain
+    as with every ReLU in its layer or graph node and one call per quantizer (undo_training_fusions, the form
+    convert starts from), on the torch path and on the fused kernels (where the chain is one kernel)."""
     if fused:
         request.getfixturevalue("triton_on_cpu")
     x = torch.randn(4, 3, 8, 8)
     prepared = prepare(ConvBnReluNet().eval(), QuantConfig.preset(preset), (x,))
     assert all(prepared.get_submodule(f"{n}.0").activation_in_output_quantizer for n in "ab")
     assert _relu_nodes(prepared) == []  # the ReLU after the add is in the add's output quantizer
+    chains = [n for n in prepared.graph.nodes if n.op == "call_module" and n.target == "act_quantizers"]
+    assert len(chains) == (2 if preset == "w4a4_lsq" else 0)  # y and z at 8 bits for the adds, 4 bits for b and c
     unfolded = copy.deepcopy(prepared)
-    unfold_relus(unfolded)
+    undo_training_fusions(unfolded)
     results = []
     for model in (prepared, unfolded):
         calibrate(model, [x], freeze=preset != "w8a8")
         y = model.train()(x)
         y.square().sum().backward()
         layer = model.get_submodule("b.0")
-        results.append((y, model.get_submodule("a.0").weight.grad, layer.bn.weight.grad))
+        ranges = [p.grad for name, p in model.named_parameters() if name.startswith("act_quantizers")]
+        results.append((y, model.get_submodule("a.0").weight.grad, layer.bn.weight.grad, *ranges))
+    for chain in chains:
+        assert chain_fuses(torch.ones(1), *(prepared.act_quantizers[name] for name in chain.args[1:])) == fused
+    assert len(results[0]) == len(results[1])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=0)

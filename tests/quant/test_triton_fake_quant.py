@@ -213,6 +213,89 @@ def test_folded_relu_equals_relu_then_fake_quant(fused_module, learned, dtype):
         assert torch.equal(gs, gs_ref) and torch.equal(gz, gz_ref)  # the same partial sums in the same order
 
 
+CHAIN_CASES = {  # (first spec, its zero point or None, second spec, its zero point or None)
+    "u8_then_u4_lsq_plus": (QuantSpec(bits=8, signed=False), 3.4, QuantSpec(bits=4, signed=False), 1.6),
+    "s8_then_s4_lsq": (QuantSpec(bits=8, symmetric=True), None, QuantSpec(bits=4, symmetric=True), None),
+    "u8_then_u2_mixed": (QuantSpec(bits=8, signed=False), None, QuantSpec(bits=2, signed=False), 0.7),
+}
+
+
+def _chain_results(fused_module, x, params, specs, relu: bool, chained: bool):
+    """(y1, y2, grad_x, the four qparam gradients) of the chain, or of its two quantizers called in a row."""
+    x = _leaf(x)
+    params = [None if p is None else _leaf(p) for p in params]
+    grids = [fused_module.LearnedGrid(params[2 * i], params[2 * i + 1], specs[i], 0.05 * (i + 1)) for i in (0, 1)]
+    if chained:
+        y1, y2 = fused_module.lsq_chain_fake_quantize(x, *grids, relu=relu)
+    else:
+        y1 = fused_module.lsq_fake_quantize(x, grids[0].scale, grids[0].zero_point, specs[0], 0.05, relu=relu)
+        y2 = fused_module.lsq_fake_quantize(y1, grids[1].scale, grids[1].zero_point, specs[1], 0.1)
+    ramp = torch.linspace(-1, 1, x.numel(), device=DEVICE).reshape(x.shape)
+    (y1.float() * ramp).sum().add((y2.float() * ramp.flip(0)).sum()).backward()
+    return y1, y2, x.grad, [None if p is None else p.grad for p in params]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("case", CHAIN_CASES)
+def test_lsq_chain_is_the_two_quantizers_in_a_row(fused_module, case, relu, dtype):
+    """The chain's outputs, input gradient (y1's two gradients summed in y1's dtype, as autograd sums them) and
+    the four qparam gradients are those of the two LSQ calls in a row, bit for bit (the same block sums)."""
+    spec1, zero1, spec2, zero2 = CHAIN_CASES[case]
+    scale1, scale2 = torch.tensor(0.03), torch.tensor(0.45)
+    x = _input((4, 6, 5, 7), scale1, spec1, dtype)  # across both grids, both clamps reached
+    params = [scale1, zero1, scale2, zero2]
+    params = [None if p is None else torch.as_tensor(p).to(DEVICE) for p in params]
+    chained, in_a_row = (_chain_results(fused_module, x, params, (spec1, spec2), relu, c) for c in (True, False))
+    for got, want in zip(chained[:3], in_a_row[:3]):
+        _assert_same_output(got, want)
+    for got, want in zip(chained[3], in_a_row[3]):
+        assert (got is None) == (want is None)
+        if got is not None and (dtype == torch.float32 or ON_CUDA):
+            assert torch.equal(got, want)
+        elif got is not None:  # interpreter: the two bfloat16 gradients are summed with truncation
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=1e-6)
+    assert bool((in_a_row[2] == 0).any()) and bool((in_a_row[2] != 0).any())
+
+
+def test_lsq_chain_takes_per_tensor_grids_only(fused_module):
+    spec = QuantSpec(bits=4, symmetric=True, granularity="per_channel")
+    grid = fused_module.LearnedGrid(torch.full((3,), 0.1, device=DEVICE), None, spec, 0.1)
+    with pytest.raises(ValueError, match="per-tensor grids, got per_channel"):
+        fused_module.lsq_chain_fake_quantize(torch.randn(3, 4, device=DEVICE), grid, grid)
+
+
+def test_compiled_lsq_chain_is_the_fused_kernels(fused_module):
+    """Under torch.compile (fullgraph) the chain runs its two kernels, with eager's values and input gradient
+    and its qparam gradients up to the summation order."""
+    spec1, zero1, spec2, zero2 = CHAIN_CASES["u8_then_u4_lsq_plus"]
+    x = _input((4, 3, 5, 5), torch.tensor(0.03), spec1, torch.float32)
+    params = [_leaf(torch.tensor(v, device=DEVICE)) for v in (0.03, zero1, 0.45, zero2)]
+    grids = [fused_module.LearnedGrid(params[0], params[1], spec1, 0.05),
+             fused_module.LearnedGrid(params[2], params[3], spec2, 0.1)]
+
+    def function(x):
+        y1, y2 = fused_module.lsq_chain_fake_quantize(x, *grids, relu=True)
+        return y1 + 2 * y2
+
+    def outputs_and_gradients(run):
+        y, grad_x = _output_and_gradient(run, x)
+        grads = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        return y, grad_x, grads
+
+    graphs = []
+    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
+    (y, grad_x, grads), (y_eager, grad_x_eager, grads_eager) = map(outputs_and_gradients, (compiled, function))
+    assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
+    for got, want in zip(grads, grads_eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    forward, backward = graphs
+    assert _fused_calls(forward) == ["_chain_forward_kernel"]
+    assert _fused_calls(backward) == ["_chain_backward_kernel"]
+
+
 def _op_samples() -> dict[str, tuple]:
     """Arguments for each torch.compile operator of the fused kernels (channels_last x; a folded ReLU)."""
     x = torch.randn(4, 3, 5, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -234,12 +317,22 @@ def _op_samples() -> dict[str, tuple]:
                             (_leaf(x), _leaf(channel_scale), None, 4, -8, 7, 0.0, 0.2, False)),
         "lsq_backward": (torch.ops.qat.fused_lsq_backward,
                          (torch.randn_like(x), x, scale, learned_zero, 1, 0, 15, 0.0, 0.1, False)),
+        "lsq_chain_relu": (torch.ops.qat.fused_lsq_chain,
+                           (_leaf(x), _leaf(scale), _leaf(learned_zero), _leaf(scale * 8), _leaf(learned_zero / 8),
+                            0, 255, 0.0, 0.1, 0, 15, 0.0, 0.2, True)),
+        "lsq_chain_no_zeros": (torch.ops.qat.fused_lsq_chain,
+                               (_leaf(x), _leaf(scale), None, _leaf(scale * 8), None, -128, 127, 0.0, 0.1, -8, 7, 0.0,
+                                0.2, False)),
+        "lsq_chain_backward": (torch.ops.qat.fused_lsq_chain_backward,
+                               (torch.randn_like(x), torch.randn_like(x), x, scale, learned_zero, scale * 8,
+                                learned_zero / 8, 0, 255, 0.0, 0.1, 0, 15, 0.0, 0.2, False)),
     }
 
 
 @pytest.mark.parametrize("case", ["per_tensor_relu", "per_tensor_16_channels", "per_channel", "bits_backward",
                                   "lsq_plus_per_tensor_relu",
-                                  "lsq_per_channel", "lsq_backward"])
+                                  "lsq_per_channel", "lsq_backward", "lsq_chain_relu", "lsq_chain_no_zeros",
+                                  "lsq_chain_backward"])
 def test_compiler_operators_pass_opcheck(fused_module, case):
     """The operators torch.compile sees: schema, fake (meta) results, autograd registration, and AOT tracing
     with dynamic shapes give the eager results."""
@@ -265,6 +358,8 @@ KERNEL_OF_OPERATOR = {
     "qat.fused_fake_quantize_bits_backward.default": "_bits_backward_kernel",
     "qat.fused_lsq_fake_quantize.default": "_forward_kernel",
     "qat.fused_lsq_backward.default": "_backward_kernel",
+    "qat.fused_lsq_chain.default": "_chain_forward_kernel",
+    "qat.fused_lsq_chain_backward.default": "_chain_backward_kernel",
 }
 
 
