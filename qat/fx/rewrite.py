@@ -18,6 +18,13 @@ from qat.quant.spec import Granularity
 ACT_CONTAINER = "act_quantizers"
 
 
+class ActivationQuantizers(nn.ModuleDict):
+    """The graph's activation quantizers, by name; a call runs two of them in a row (:func:`quantize_chain`)."""
+
+    def forward(self, x: torch.Tensor, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize_chain(x, self[first], self[second])
+
+
 def set_preserved_attr(gm: fx.GraphModule, name: str, value) -> None:
     """Set an attribute that survives deepcopy of the GraphModule (fx keeps those listed in gm.meta)."""
     setattr(gm, name, value)
@@ -110,13 +117,6 @@ def _chained_quantizer(node: fx.Node, calls: Counter, modules: dict[str, nn.Modu
     module = modules.get(node.target) if node.op == "call_module" else None
     return (isinstance(module, LearnableFakeQuantize) and module.method != "pact" and calls[node.target] == 1
             and module.spec.granularity is Granularity.PER_TENSOR and node.target.startswith(f"{ACT_CONTAINER}."))
-
-
-class ActivationQuantizers(nn.ModuleDict):
-    """The graph's activation quantizers, by name; a call runs two of them in a row (:func:`quantize_chain`)."""
-
-    def forward(self, x: torch.Tensor, first: str, second: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize_chain(x, self[first], self[second])
 
 
 def _chain_quantizers(gm: fx.GraphModule) -> None:
