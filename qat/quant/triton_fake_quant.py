@@ -226,10 +226,11 @@ def _chain_forward_kernel(x_ptr, y1_ptr, y2_ptr, scale1_ptr, zero1_ptr, scale2_p
 def _chain_backward_kernel(grad1_ptr, grad2_ptr, x_ptr, grad_x_ptr, scale1_ptr, zero1_ptr, scale2_ptr, zero2_ptr,
                            partial_ptr, numel, n_blocks, zero_value1, qmin1, qmax1, zero_value2, qmin2, qmax2, eps,
                            grad_scale1, grad_scale2, HAS_ZERO1: tl.constexpr, HAS_ZERO2: tl.constexpr,
-                           RELU: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_GRAD1: tl.constexpr, HAS_GRAD2: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
     """The backward of _chain_forward_kernel: y1's gradient is grad1 + fq2's gradient to its input, summed in y1's
     dtype as autograd sums them; grad_x = that * (code in fq1's range) (RELU: and x > 0). Block sums of the four
-    qparams' gradients (scale1, zero1, scale2, zero2) into partial[0..3, block]."""
+    qparams' gradients (scale1, zero1, scale2, zero2) into partial[0..3, block]. A gradient that autograd did
+    not produce (HAS_GRAD1 / HAS_GRAD2 false: nothing else reads that output) is zero and not read."""
     block = tl.program_id(0)
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inbounds = offs < numel
@@ -239,8 +240,8 @@ def _chain_backward_kernel(grad1_ptr, grad2_ptr, x_ptr, grad_x_ptr, scale1_ptr, 
     s1, inv_s1, z1 = _row_qparams(scale1_ptr, zero1_ptr, 0, zero_value1, qmin1, qmax1, eps, True, HAS_ZERO1)
     s2, inv_s2, z2 = _row_qparams(scale2_ptr, zero2_ptr, 0, zero_value2, qmin2, qmax2, eps, True, HAS_ZERO2)
     x = tl.load(x_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
-    g1 = tl.load(grad1_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
-    g2 = tl.load(grad2_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+    g1 = tl.load(grad1_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD1 else 0.0
+    g2 = tl.load(grad2_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD2 else 0.0
     live = x > 0.0
     if RELU:
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
@@ -422,10 +423,13 @@ def _chain_forward(x: Tensor, scale1: Tensor, zero1: Tensor | None, scale2: Tens
     return y1, y2
 
 
-def _chain_backward(grad1: Tensor, grad2: Tensor, x: Tensor, scale1: Tensor, zero1: Tensor | None, scale2: Tensor,
-                    zero2: Tensor | None, first: _Grid, second: _Grid, traced: bool = False) -> tuple[Tensor, Tensor]:
-    """(grad_x, sums (2, 2, 1): [quantizer][scale, zero point] gradients). Blocks as in :func:`_backward`."""
-    grad1, grad2 = same_layout(grad1, x), same_layout(grad2, x)
+def _chain_backward(grad1: Tensor | None, grad2: Tensor | None, x: Tensor, scale1: Tensor, zero1: Tensor | None,
+                    scale2: Tensor, zero2: Tensor | None, first: _Grid, second: _Grid,
+                    traced: bool = False) -> tuple[Tensor, Tensor]:
+    """(grad_x, sums (2, 2, 1): [quantizer][scale, zero point] gradients); a gradient None is zero (not
+    materialized). Blocks as in :func:`_backward`."""
+    has_grad1, has_grad2 = grad1 is not None, grad2 is not None
+    grad1, grad2 = (x if g is None else same_layout(g, x) for g in (grad1, grad2))  # x: a pointer not read
     grad_x = torch.empty_like(x)
     _, block, n_blocks = _launch_shape(x, 1, LSQ_BACKWARD_BLOCK)
     partials = torch.empty((4, n_blocks), device=x.device, dtype=torch.float32)
@@ -433,9 +437,16 @@ def _chain_backward(grad1: Tensor, grad2: Tensor, x: Tensor, scale1: Tensor, zer
         grad1, grad2, x, grad_x, scale1, zero1 if zero1 is not None else scale1, scale2,
         zero2 if zero2 is not None else scale2, partials, x.numel(), n_blocks, *_chain_scalars(first, second),
         SCALE_EPS, first.grad_scale, second.grad_scale, HAS_ZERO1=zero1 is not None, HAS_ZERO2=zero2 is not None,
-        RELU=first.relu, BLOCK=block, num_warps=4, **_options(traced),
+        HAS_GRAD1=has_grad1, HAS_GRAD2=has_grad2, RELU=first.relu, BLOCK=block, num_warps=4,
+        **_options(traced),
     )
     return grad_x, partials.sum(dim=-1).view(2, 2, 1)  # (4, blocks) -> [quantizer][scale, zero][row]
+
+
+def _needed_chain_gradients(needs: Sequence[bool], grad2: Tensor | None) -> list[bool]:
+    """Which of the four qparams get a gradient: as autograd asks, but none for fq2's when y2 got no gradient
+    (nothing read it, as with the two calls, where fq2's backward would not run)."""
+    return [need and (i < 2 or grad2 is not None) for i, need in enumerate(needs)]
 
 
 def _chain_gradients(sums: Tensor, scale1, zero1, scale2, zero2, needs: Sequence[bool]) -> tuple:
@@ -450,6 +461,7 @@ class _FusedChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale1, zero1, scale2, zero2, first: _Grid, second: _Grid):
         ctx.grids = (first, second)
+        ctx.set_materialize_grads(False)  # y1 read by nothing but fq2: its gradient is not a tensor of zeros
         ctx.save_for_backward(x, scale1, zero1, scale2, zero2)
         return _chain_forward(x, scale1, zero1, scale2, zero2, first, second)
 
@@ -457,7 +469,8 @@ class _FusedChain(torch.autograd.Function):
     def backward(ctx, grad1, grad2):
         x, scale1, zero1, scale2, zero2 = ctx.saved_tensors
         grad_x, sums = _chain_backward(grad1, grad2, x, scale1, zero1, scale2, zero2, *ctx.grids)
-        return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, ctx.needs_input_grad[1:5]), None, None)
+        needs = _needed_chain_gradients(ctx.needs_input_grad[1:5], grad2)
+        return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, needs), None, None)
 
 
 class _FusedFakeQuantize(torch.autograd.Function):
@@ -644,7 +657,8 @@ def _chain_op_backward(ctx, grad1, grad2):
     x, scale1, zero1, scale2, zero2 = ctx.saved_tensors
     grad_x, sums = torch.ops.qat.fused_lsq_chain_backward(grad1, grad2, x, scale1, zero1, scale2, zero2,
                                                           *ctx.arguments)
-    return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, ctx.needs_input_grad[1:5])) + (None,) * 9
+    needs = _needed_chain_gradients(ctx.needs_input_grad[1:5], grad2)
+    return (grad_x, *_chain_gradients(sums, scale1, zero1, scale2, zero2, needs)) + (None,) * 9
 
 
 _chain_op.register_autograd(_chain_op_backward, setup_context=_setup_chain_op)
@@ -655,7 +669,7 @@ def _chain_backward_fake(grad1, grad2, x, scale1, zero1, scale2, zero2, *argumen
 
 
 @_operator("qat::fused_lsq_chain_backward", fake=_chain_backward_fake)
-def _chain_backward_op(grad1: Tensor, grad2: Tensor, x: Tensor, scale1: Tensor, zero1: Optional[Tensor], scale2: Tensor,
+def _chain_backward_op(grad1: Optional[Tensor], grad2: Optional[Tensor], x: Tensor, scale1: Tensor, zero1: Optional[Tensor], scale2: Tensor,
                        zero2: Optional[Tensor], qmin1: int, qmax1: int, zero_value1: float, grad_scale1: float,
                        qmin2: int, qmax2: int, zero_value2: float, grad_scale2: float,
                        relu: bool) -> tuple[Tensor, Tensor]:
