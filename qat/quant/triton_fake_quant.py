@@ -13,7 +13,8 @@ and writes y once plus the gradient mask as bits (one byte per 8 elements); auto
 and the backward reads grad and the bits and writes grad_x (4.1 bytes per bf16 element instead of 6).
 LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads grad and x once, writes grad_x once,
 and one partial sum of the scale (and zero point) gradient per block, summed by one small torch reduction:
-no float32 copies, no host synchronisation.
+no float32 copies, no host synchronisation. Two per-tensor LSQ quantizers in a row (y2 = fq2(fq1(x)), the low-bit
+presets' requantized residual stream) run as one pass each way (:func:`lsq_chain_fake_quantize`).
 
 A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
 contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is

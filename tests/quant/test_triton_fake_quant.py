@@ -290,19 +290,10 @@ def test_lsq_chain_takes_per_tensor_grids_only(fused_module):
         fused_module.lsq_chain_fake_quantize(torch.randn(3, 4, device=DEVICE), grid, grid)
 
 
-def test_compiled_lsq_chain_is_the_fused_kernels(fused_module):
-    """Under torch.compile (fullgraph) the chain runs its two kernels, with eager's values and input gradient
-    and its qparam gradients up to the summation order."""
-    spec1, zero1, spec2, zero2 = CHAIN_CASES["u8_then_u4_lsq_plus"]
-    x = _input((4, 3, 5, 5), torch.tensor(0.03), spec1, torch.float32)
-    params = [_leaf(torch.tensor(v, device=DEVICE)) for v in (0.03, zero1, 0.45, zero2)]
-    grids = [fused_module.LearnedGrid(params[0], params[1], spec1, 0.05),
-             fused_module.LearnedGrid(params[2], params[3], spec2, 0.1)]
-
-    def function(x):
-        y1, y2 = fused_module.lsq_chain_fake_quantize(x, *grids, relu=True)
-        return y1 + 2 * y2
-
+def _assert_compiled_equals_eager(function, x: torch.Tensor, params: list[torch.Tensor], forward_kernels: list[str],
+                                  backward_kernels: list[str]) -> None:
+    """`function` compiled (fullgraph) gives eager's output and input gradient bit for bit and the parameters'
+    gradients up to summation order, running `forward_kernels` and `backward_kernels` (by name)."""
     def outputs_and_gradients(run):
         y, grad_x = _output_and_gradient(run, x)
         grads = [p.grad for p in params]
@@ -317,8 +308,24 @@ def test_compiled_lsq_chain_is_the_fused_kernels(fused_module):
     for got, want in zip(grads, grads_eager, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     forward, backward = graphs
-    assert _fused_calls(forward) == ["_chain_forward_kernel"]
-    assert _fused_calls(backward) == ["_chain_backward_kernel"]
+    assert _fused_calls(forward) == forward_kernels
+    assert _fused_calls(backward) == backward_kernels
+
+
+def test_compiled_lsq_chain_is_the_fused_kernels(fused_module):
+    """Under torch.compile (fullgraph) the chain runs its two kernels, with eager's values and input gradient
+    and its qparam gradients up to the summation order."""
+    spec1, zero1, spec2, zero2 = CHAIN_CASES["u8_then_u4_lsq_plus"]
+    x = _input((4, 3, 5, 5), torch.tensor(0.03), spec1, torch.float32)
+    params = [_leaf(torch.tensor(v, device=DEVICE)) for v in (0.03, zero1, 0.45, zero2)]
+    grids = [fused_module.LearnedGrid(params[0], params[1], spec1, 0.05),
+             fused_module.LearnedGrid(params[2], params[3], spec2, 0.1)]
+
+    def function(x):
+        y1, y2 = fused_module.lsq_chain_fake_quantize(x, *grids, relu=True)
+        return y1 + 2 * y2
+
+    _assert_compiled_equals_eager(function, x, params, ["_chain_forward_kernel"], ["_chain_backward_kernel"])
 
 
 def _op_samples() -> dict[str, tuple]:
@@ -478,22 +485,7 @@ def test_compiled_lsq_is_the_fused_kernels(fused_module, name):
         return fused_module.lsq_fake_quantize(x, scale, qparams[1] if learned_zero else None, spec, g,
                                               relu=learned_zero)
 
-    def outputs_and_gradients(run):
-        y, grad_x = _output_and_gradient(run, x)
-        grads = [p.grad for p in qparams]
-        for p in qparams:
-            p.grad = None
-        return y, grad_x, grads
-
-    graphs = []
-    compiled = torch.compile(function, backend=_recording_backend(graphs), fullgraph=True)
-    (y, grad_x, grads), (y_eager, grad_x_eager, grads_eager) = map(outputs_and_gradients, (compiled, function))
-    assert torch.equal(y, y_eager) and torch.equal(grad_x, grad_x_eager)
-    for got, want in zip(grads, grads_eager, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    forward, backward = graphs
-    assert _fused_calls(forward) == ["_forward_kernel"]
-    assert _fused_calls(backward) == ["_backward_kernel"]
+    _assert_compiled_equals_eager(function, x, qparams, ["_forward_kernel"], ["_backward_kernel"])
 
 
 def test_compiled_with_changing_batch_sizes_equals_eager(fused_module):
