@@ -108,6 +108,40 @@ def _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps,
 
 
 @triton.jit
+def _fake_quantized(x, s, inv_s, z, qmin, qmax):
+    """(y, v, rounded, codes) of the fake-quant of float32 x on the grid (s, z, [qmin, qmax]); NaN stays NaN."""
+    v = x * inv_s
+    rounded = round_half_even(v)
+    codes = rounded + z
+    clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
+                         propagate_nan=tl.PropagateNan.ALL)
+    return (clamped - z) * s, v, rounded, codes
+
+
+@triton.jit
+def _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr, eps, grad_scale):
+    """This block's sums of the LSQ scale gradient (times grad_scale; zero for a scale clamped at eps:
+    `scale_ptr` points at the row's scale) and of the LSQ+ zero-point gradient, for the upstream gradient g.
+    A kernel that stores only one of them leaves the other to dead-code elimination."""
+    below, above = codes < qmin, codes > qmax
+    inside = (codes >= qmin) & (codes <= qmax)
+    d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
+    unclamped = (tl.load(scale_ptr).to(tl.float32) >= eps).to(tl.float32)
+    scale_sum = tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped)
+    zero_sum = tl.sum(g * (below | above).to(tl.float32), axis=0) * (-s * grad_scale)
+    return scale_sum, zero_sum
+
+
+@triton.jit
+def _passes(codes, qmin, qmax, live, RELU: tl.constexpr):
+    """The gradient mask: code in range, and (RELU) x > 0, as torch.relu's gradient."""
+    passes = (codes >= qmin) & (codes <= qmax)
+    if RELU:
+        passes = passes & live
+    return passes
+
+
+@triton.jit
 def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_blocks, zero_value, qmin, qmax, eps,
                     LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr, RELU: tl.constexpr, SAVE_BITS: tl.constexpr,
                     BLOCK: tl.constexpr):
@@ -120,16 +154,10 @@ def _forward_kernel(x_ptr, y_ptr, scale_ptr, zero_ptr, bits_ptr, row_len, n_bloc
     live = x > 0.0
     if RELU:  # NaN stays NaN, as with torch.relu
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    codes = round_half_even(x * inv_s) + z
-    # NaN stays NaN, as with torch.clamp (the hardware min/max would drop it)
-    clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
-                         propagate_nan=tl.PropagateNan.ALL)
-    y = (clamped - z) * s
+    y, _, _, codes = _fake_quantized(x, s, inv_s, z, qmin, qmax)
     tl.store(y_ptr + base + offs, y.to(y_ptr.dtype.element_ty), mask=inbounds)
     if SAVE_BITS:
-        passes = (codes >= qmin) & (codes <= qmax)
-        if RELU:
-            passes = passes & live
+        passes = _passes(codes, qmin, qmax, live, RELU)
         packed = tl.sum(passes.to(tl.int32) << tl.arange(0, 8)[None, :], axis=1).to(tl.uint8)
         tl.store(bits_ptr + tl.program_id(0).to(tl.int64) * (BLOCK // 8) + tl.arange(0, BLOCK // 8), packed)
 
@@ -160,47 +188,15 @@ def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_p
     live = x > 0.0
     if RELU:
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    v = x * inv_s
-    rounded = round_half_even(v)
-    codes = rounded + z
-    below, above = codes < qmin, codes > qmax
-    inside = (codes >= qmin) & (codes <= qmax)
-    passes = inside
-    if RELU:
-        passes = passes & live
+    _, v, rounded, codes = _fake_quantized(x, s, inv_s, z, qmin, qmax)
+    passes = _passes(codes, qmin, qmax, live, RELU)
     tl.store(grad_x_ptr + base + offs, (g * passes.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
     partial_at = partial_ptr + row.to(tl.int64) * n_blocks + block
+    scale_sum, zero_sum = _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr + row, eps, grad_scale)
     if SCALE_GRAD:
-        d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
-        unclamped = (tl.load(scale_ptr + row).to(tl.float32) >= eps).to(tl.float32)
-        tl.store(partial_at, tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped))
+        tl.store(partial_at, scale_sum)
     if ZERO_GRAD:
-        outside = (below | above).to(tl.float32)
-        tl.store(partial_at + rows * n_blocks, tl.sum(g * outside, axis=0) * (-s * grad_scale))
-
-
-@triton.jit
-def _fake_quantized(x, s, inv_s, z, qmin, qmax):
-    """(y, v, rounded, codes) of the fake-quant of float32 x on the grid (s, z, [qmin, qmax]); NaN stays NaN."""
-    v = x * inv_s
-    rounded = round_half_even(v)
-    codes = rounded + z
-    clamped = tl.minimum(tl.maximum(codes, qmin, propagate_nan=tl.PropagateNan.ALL), qmax,
-                         propagate_nan=tl.PropagateNan.ALL)
-    return (clamped - z) * s, v, rounded, codes
-
-
-@triton.jit
-def _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr, eps, grad_scale):
-    """This block's sums of the LSQ scale and LSQ+ zero-point gradients for the upstream gradient g, as
-    _backward_kernel computes them."""
-    below, above = codes < qmin, codes > qmax
-    inside = (codes >= qmin) & (codes <= qmax)
-    d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
-    unclamped = (tl.load(scale_ptr).to(tl.float32) >= eps).to(tl.float32)
-    scale_sum = tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped)
-    zero_sum = tl.sum(g * (below | above).to(tl.float32), axis=0) * (-s * grad_scale)
-    return scale_sum, zero_sum
+        tl.store(partial_at + rows * n_blocks, zero_sum)
 
 
 @triton.jit
@@ -249,11 +245,9 @@ def _chain_backward_kernel(grad1_ptr, grad2_ptr, x_ptr, grad_x_ptr, scale1_ptr, 
     y1, v1, rounded1, codes1 = _fake_quantized(x, s1, inv_s1, z1, qmin1, qmax1)
     y1 = y1.to(grad_x_ptr.dtype.element_ty).to(tl.float32)  # as fq2 read it
     _, v2, rounded2, codes2 = _fake_quantized(y1, s2, inv_s2, z2, qmin2, qmax2)
-    passes2 = ((codes2 >= qmin2) & (codes2 <= qmax2)).to(tl.float32)
+    passes2 = _passes(codes2, qmin2, qmax2, live, False).to(tl.float32)
     g = (g1 + g2 * passes2).to(grad_x_ptr.dtype.element_ty).to(tl.float32)
-    passes1 = (codes1 >= qmin1) & (codes1 <= qmax1)
-    if RELU:
-        passes1 = passes1 & live
+    passes1 = _passes(codes1, qmin1, qmax1, live, RELU)
     tl.store(grad_x_ptr + offs, (g * passes1.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
     scale1_sum, zero1_sum = _lsq_block_sums(g, v1, rounded1, codes1, s1, z1, qmin1, qmax1, scale1_ptr, eps,
                                             grad_scale1)
