@@ -25,6 +25,11 @@ class ActivationQuantizers(nn.ModuleDict):
         return quantize_chain(x, self[first], self[second])
 
 
+def is_activation_quantizer_call(node: fx.Node) -> bool:
+    """`node` calls one of the graph's activation quantizers (not the container's two-quantizer call)."""
+    return node.op == "call_module" and node.target.startswith(f"{ACT_CONTAINER}.")
+
+
 def set_preserved_attr(gm: fx.GraphModule, name: str, value) -> None:
     """Set an attribute that survives deepcopy of the GraphModule (fx keeps those listed in gm.meta)."""
     setattr(gm, name, value)
@@ -79,8 +84,7 @@ def _sole_quantizer_reader(node: fx.Node, calls: Counter) -> fx.Node | None:
     if len(node.users) != 1:
         return None
     (user,) = node.users
-    is_quantizer = user.op == "call_module" and user.target.startswith(f"{ACT_CONTAINER}.")
-    return user if is_quantizer and calls[user.target] == 1 and user.args[0] is node else None
+    return user if is_activation_quantizer_call(user) and calls[user.target] == 1 and user.args[0] is node else None
 
 
 def _fold_relus(gm: fx.GraphModule) -> None:
@@ -114,9 +118,9 @@ def _only_reader_of_input(node: fx.Node) -> bool:
 
 def _chained_quantizer(node: fx.Node, calls: Counter, modules: dict[str, nn.Module]) -> bool:
     """`node` calls, once in the graph, an activation quantizer that quantize_chain may fuse (per-tensor LSQ)."""
-    module = modules.get(node.target) if node.op == "call_module" else None
+    module = modules[node.target] if is_activation_quantizer_call(node) else None
     return (isinstance(module, LearnableFakeQuantize) and module.method != "pact" and calls[node.target] == 1
-            and module.spec.granularity is Granularity.PER_TENSOR and node.target.startswith(f"{ACT_CONTAINER}."))
+            and module.spec.granularity is Granularity.PER_TENSOR)
 
 
 def _chain_quantizers(gm: fx.GraphModule) -> None:
@@ -155,39 +159,38 @@ def unchain_quantizers(gm: fx.GraphModule) -> None:
 
 
 def undo_training_fusions(model: nn.Module) -> None:
-    """In place, the graph form convert, export and comparisons start from: quantizer chains are two calls
-    (:func:`unchain_quantizers`), ReLUs are in their layers or graph nodes (:func:`_unfold_relus`)."""
+    """In place, the graph form convert, export and comparisons start from (undoing :func:`_fold_relus` and
+    :func:`_chain_quantizers`): one call per quantizer, each layer applies its own ReLU again, and a ReLU node
+    taken over by a quantizer is back before it (``torch.relu``), where the int8 epilogues apply ReLUs. Raises
+    ValueError for a quantizer applying a ReLU outside any graph (it cannot be restored)."""
     for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
         unchain_quantizers(gm)
-    _unfold_relus(model)
-
-
-def _unfold_relus(model: nn.Module) -> None:
-    """Undo :func:`_fold_relus` in place: each layer applies its own ReLU again, and a ReLU node taken over
-    by a quantizer is back before it (``torch.relu``): the form convert and export start from, where the
-    int8 epilogues apply ReLUs. Raises ValueError for a quantizer applying a ReLU outside any graph (it
-    cannot be restored)."""
-    for gm in [m for m in model.modules() if isinstance(m, fx.GraphModule)]:
-        restored = False
-        for node in list(gm.graph.nodes):
-            quantizer = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if not isinstance(quantizer, QuantizerBase) or not quantizer.applies_relu:
-                continue
-            source = node.args[0]
-            layer = gm.get_submodule(source.target) if source.op == "call_module" else None
-            if not (isinstance(layer, QuantizedWeightModule) and layer.activation_in_output_quantizer):
-                with gm.graph.inserting_before(node):
-                    node.replace_input_with(source, gm.graph.call_function(torch.relu, (source,)))
-                restored = True
-            quantizer.applies_relu = False
-        if restored:
-            gm.recompile()
+        _restore_relu_nodes(gm)
     for m in model.modules():
         if isinstance(m, QuantizedWeightModule):
             m.activation_in_output_quantizer = False
         elif isinstance(m, QuantizerBase) and m.applies_relu:
             raise ValueError("a quantizer outside the model's graph applies a ReLU (applies_relu=True): "
                              "undo_training_fusions can restore only the ReLUs that prepare moved")
+
+
+def _restore_relu_nodes(gm: fx.GraphModule) -> None:
+    """Each quantizer of `gm` that applies a ReLU stops: a layer's goes back to the layer (the flag is reset by
+    the caller), a ReLU node the quantizer took over goes back before it."""
+    restored = False
+    for node in [n for n in gm.graph.nodes if is_activation_quantizer_call(n)]:
+        quantizer = gm.get_submodule(node.target)
+        if not quantizer.applies_relu:
+            continue
+        source = node.args[0]
+        layer = gm.get_submodule(source.target) if source.op == "call_module" else None
+        if not (isinstance(layer, QuantizedWeightModule) and layer.activation_in_output_quantizer):
+            with gm.graph.inserting_before(node):
+                node.replace_input_with(source, gm.graph.call_function(torch.relu, (source,)))
+            restored = True
+        quantizer.applies_relu = False
+    if restored:
+        gm.recompile()
 
 
 def _swap_leaf_layers(gm: fx.GraphModule, plan: QuantPlan, config) -> None:
