@@ -12,9 +12,10 @@ fake-quant folded into it: no ReLU pass forward or backward). With fixed qparams
 and writes y once plus the gradient mask as bits (one byte per 8 elements); autograd keeps the bits, not x,
 and the backward reads grad and the bits and writes grad_x (4.1 bytes per bf16 element instead of 6).
 LSQ / LSQ+ keep x, which their scale gradient needs: the backward reads grad and x once, writes grad_x once,
-and one partial sum of the scale (and zero point) gradient per block, summed by one small torch reduction:
-no float32 copies, no host synchronisation. Two per-tensor LSQ quantizers in a row (y2 = fq2(fq1(x)), the low-bit
-presets' requantized residual stream) run as one pass each way (:func:`lsq_chain_fake_quantize`).
+and one partial sum of the scale (and zero point) gradient per program (a span of blocks), summed by one small
+torch reduction: no float32 copies, no host synchronisation. Two per-tensor LSQ quantizers in a row
+(y2 = fq2(fq1(x)), the low-bit presets' requantized residual stream) run as one pass each way
+(:func:`lsq_chain_fake_quantize`).
 
 A tensor is seen as rows: (channels, elements per channel) per-channel, (1, numel) per-tensor, each row
 contiguous in memory. Dense layouts (contiguous, channels_last) need no copy when the channel axis is
@@ -40,9 +41,12 @@ from qat.quant.spec import Granularity, QuantSpec
 
 MAX_BLOCK = 4096
 MIN_BLOCK = 128
-# The LSQ backward's blocks: 2048 elements on 4 warps (H200, a 128x256x56x56 bf16 channels_last tensor:
-# 178 us against 206 us with 4096 on 8 warps; 165 us without the scale-gradient reduction)
-LSQ_BACKWARD_BLOCK = 2048
+# The LSQ backward kernels: each program loops over TILES sub-blocks of BLOCK elements on 4 warps, summing the
+# qparam gradients per element in registers and reducing once. H200, a 128x256x56x56 bf16 channels_last tensor,
+# 20 back-to-back launches: single quantizer 210 us with one block of 2048 per program -> 180 us; the chain
+# 426 -> 264 us (64 registers instead of 150: more programs resident to keep loads in flight).
+LSQ_BACKWARD_BLOCK = 512
+LSQ_BACKWARD_TILES = 16
 # Launch option of every Triton kernel of the project (fake-quant, observers, int8 kernels): round every
 # product and sum on its own, as torch's eager ops do; a fused multiply-add could move near-ties of the
 # rounding and break bit-equality with the reference.
@@ -64,14 +68,6 @@ def round_half_even(x):
     frac = x - f
     f_is_odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
     return tl.where((frac > 0.5) | ((frac == 0.5) & f_is_odd), f + 1.0, f)
-
-
-@triton.jit
-def _program_slice(row_len, n_blocks, BLOCK: tl.constexpr):
-    """This program's (row, block), its element offsets in the row, their in-bounds mask and the row's start."""
-    row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    return row, block, offs, offs < row_len, row.to(tl.int64) * row_len
 
 
 @triton.jit
@@ -119,17 +115,22 @@ def _fake_quantized(x, s, inv_s, z, qmin, qmax):
 
 
 @triton.jit
-def _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr, eps, grad_scale):
-    """This block's sums of the LSQ scale gradient (times grad_scale; zero for a scale clamped at eps:
-    `scale_ptr` points at the row's scale) and of the LSQ+ zero-point gradient, for the upstream gradient g.
-    A kernel that stores only one of them leaves the other to dead-code elimination."""
+def _lsq_terms(g, v, rounded, codes, z, qmin, qmax):
+    """Per element, for the upstream gradient g: the LSQ scale gradient's term and the LSQ+ zero point's, before
+    the factors of :func:`_lsq_sums`."""
     below, above = codes < qmin, codes > qmax
     inside = (codes >= qmin) & (codes <= qmax)
     d_scale = tl.where(inside, rounded - v, tl.where(below, qmin - z, qmax - z))
+    return g * d_scale, g * (below | above).to(tl.float32)
+
+
+@triton.jit
+def _lsq_sums(scale_terms, zero_terms, s, scale_ptr, eps, grad_scale):
+    """The sums of accumulated :func:`_lsq_terms`: the scale gradient's (times grad_scale; zero for a scale
+    clamped at eps: `scale_ptr` points at the row's scale) and the zero point's."""
     unclamped = (tl.load(scale_ptr).to(tl.float32) >= eps).to(tl.float32)
-    scale_sum = tl.sum(g * d_scale, axis=0) * (grad_scale * unclamped)
-    zero_sum = tl.sum(g * (below | above).to(tl.float32), axis=0) * (-s * grad_scale)
-    return scale_sum, zero_sum
+    return (tl.sum(scale_terms, axis=0) * (grad_scale * unclamped),
+            tl.sum(zero_terms, axis=0) * (-s * grad_scale))
 
 
 @triton.jit
@@ -173,30 +174,43 @@ def _bits_backward_kernel(grad_ptr, bits_ptr, grad_x_ptr, row_len, n_blocks, BLO
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_ptr, row_len, rows, n_blocks,
+def _backward_kernel(grad_ptr, x_ptr, grad_x_ptr, scale_ptr, zero_ptr, partial_ptr, row_len, rows, n_spans,
                      zero_value, qmin, qmax, eps, grad_scale, LEARNED: tl.constexpr, HAS_ZERO: tl.constexpr,
-                     RELU: tl.constexpr, SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """grad_x = grad * (code in range) (RELU: and x > 0, as torch.relu's gradient). SCALE_GRAD / ZERO_GRAD:
-    this block's sum of the LSQ scale / LSQ+ zero-point gradient (times grad_scale; zero for a scale clamped
-    at eps) into partial[0 / 1, row, block]."""
-    row, block, offs, inbounds, base = _program_slice(row_len, n_blocks, BLOCK)
+                     RELU: tl.constexpr, SCALE_GRAD: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                     TILES: tl.constexpr):
+    """grad_x = grad * (code in range) (RELU: and x > 0, as torch.relu's gradient). A program covers one span of
+    TILES blocks of a row. SCALE_GRAD / ZERO_GRAD: the span's sum of the LSQ scale / LSQ+ zero-point gradient
+    (times grad_scale; zero for a scale clamped at eps) into partial[0 / 1, row, span]."""
+    row, span = tl.program_id(0) // n_spans, tl.program_id(0) % n_spans
+    base = row.to(tl.int64) * row_len
     zero_value, qmin, qmax, eps = _scalars_f32(zero_value, qmin, qmax, eps)
     grad_scale = tl.cast(grad_scale, tl.float32)
     s, inv_s, z = _row_qparams(scale_ptr, zero_ptr, row, zero_value, qmin, qmax, eps, LEARNED, HAS_ZERO)
-    x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
-    live = x > 0.0
-    if RELU:
-        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    _, v, rounded, codes = _fake_quantized(x, s, inv_s, z, qmin, qmax)
-    passes = _passes(codes, qmin, qmax, live, RELU)
-    tl.store(grad_x_ptr + base + offs, (g * passes.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
-    partial_at = partial_ptr + row.to(tl.int64) * n_blocks + block
-    scale_sum, zero_sum = _lsq_block_sums(g, v, rounded, codes, s, z, qmin, qmax, scale_ptr + row, eps, grad_scale)
+    scale_terms = tl.zeros([BLOCK], tl.float32)
+    zero_terms = tl.zeros([BLOCK], tl.float32)
+    for tile in tl.range(0, TILES, num_stages=1):
+        offs = (span * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
+        inbounds = offs < row_len
+        x = tl.load(x_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + base + offs, mask=inbounds, other=0.0).to(tl.float32)
+        live = x > 0.0
+        if RELU:
+            x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        y, v, rounded, codes = _fake_quantized(x, s, inv_s, z, qmin, qmax)
+        passes = _passes(codes, qmin, qmax, live, RELU)
+        tl.store(grad_x_ptr + base + offs, (g * passes.to(tl.float32)).to(grad_x_ptr.dtype.element_ty),
+                 mask=inbounds)
+        scale_term, zero_term = _lsq_terms(g, v, rounded, codes, z, qmin, qmax)
+        if SCALE_GRAD:
+            scale_terms += scale_term
+        if ZERO_GRAD:
+            zero_terms += zero_term
+    partial_at = partial_ptr + row.to(tl.int64) * n_spans + span
+    scale_sum, zero_sum = _lsq_sums(scale_terms, zero_terms, s, scale_ptr + row, eps, grad_scale)
     if SCALE_GRAD:
         tl.store(partial_at, scale_sum)
     if ZERO_GRAD:
-        tl.store(partial_at + rows * n_blocks, zero_sum)
+        tl.store(partial_at + rows * n_spans, zero_sum)
 
 
 @triton.jit
@@ -221,42 +235,53 @@ def _chain_forward_kernel(x_ptr, y1_ptr, y2_ptr, scale1_ptr, zero1_ptr, scale2_p
 
 @triton.jit
 def _chain_backward_kernel(grad1_ptr, grad2_ptr, x_ptr, grad_x_ptr, scale1_ptr, zero1_ptr, scale2_ptr, zero2_ptr,
-                           partial_ptr, numel, n_blocks, zero_value1, qmin1, qmax1, zero_value2, qmin2, qmax2, eps,
+                           partial_ptr, numel, n_spans, zero_value1, qmin1, qmax1, zero_value2, qmin2, qmax2, eps,
                            grad_scale1, grad_scale2, HAS_ZERO1: tl.constexpr, HAS_ZERO2: tl.constexpr,
-                           HAS_GRAD1: tl.constexpr, HAS_GRAD2: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                           HAS_GRAD1: tl.constexpr, HAS_GRAD2: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+                           TILES: tl.constexpr):
     """The backward of _chain_forward_kernel: y1's gradient is grad1 + fq2's gradient to its input, summed in y1's
-    dtype as autograd sums them; grad_x = that * (code in fq1's range) (RELU: and x > 0). Block sums of the four
-    qparams' gradients (scale1, zero1, scale2, zero2) into partial[0..3, block]. A gradient that autograd did
-    not produce (HAS_GRAD1 / HAS_GRAD2 false: nothing else reads that output) is zero and not read."""
-    block = tl.program_id(0)
-    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inbounds = offs < numel
+    dtype as autograd sums them; grad_x = that * (code in fq1's range) (RELU: and x > 0). A program covers one span
+    of TILES blocks; the span's sums of the four qparams' gradients (scale1, zero1, scale2, zero2) go into
+    partial[0..3, span]. A gradient that autograd did not produce (HAS_GRAD1 / HAS_GRAD2 false: nothing else reads
+    that output) is zero and not read."""
+    span = tl.program_id(0)
     zero_value1, qmin1, qmax1, eps = _scalars_f32(zero_value1, qmin1, qmax1, eps)
-    zero_value2, qmin2, qmax2, _ = _scalars_f32(zero_value2, qmin2, qmax2, eps)
+    zero_value2, qmin2, qmax2, unused_eps = _scalars_f32(zero_value2, qmin2, qmax2, eps)
     grad_scale1, grad_scale2 = tl.cast(grad_scale1, tl.float32), tl.cast(grad_scale2, tl.float32)
     s1, inv_s1, z1 = _row_qparams(scale1_ptr, zero1_ptr, 0, zero_value1, qmin1, qmax1, eps, True, HAS_ZERO1)
     s2, inv_s2, z2 = _row_qparams(scale2_ptr, zero2_ptr, 0, zero_value2, qmin2, qmax2, eps, True, HAS_ZERO2)
-    x = tl.load(x_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
-    g1 = tl.load(grad1_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD1 else 0.0
-    g2 = tl.load(grad2_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD2 else 0.0
-    live = x > 0.0
-    if RELU:
-        x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    y1, v1, rounded1, codes1 = _fake_quantized(x, s1, inv_s1, z1, qmin1, qmax1)
-    y1 = y1.to(grad_x_ptr.dtype.element_ty).to(tl.float32)  # as fq2 read it
-    _, v2, rounded2, codes2 = _fake_quantized(y1, s2, inv_s2, z2, qmin2, qmax2)
-    passes2 = _passes(codes2, qmin2, qmax2, live, False).to(tl.float32)
-    g = (g1 + g2 * passes2).to(grad_x_ptr.dtype.element_ty).to(tl.float32)
-    passes1 = _passes(codes1, qmin1, qmax1, live, RELU)
-    tl.store(grad_x_ptr + offs, (g * passes1.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
-    scale1_sum, zero1_sum = _lsq_block_sums(g, v1, rounded1, codes1, s1, z1, qmin1, qmax1, scale1_ptr, eps,
-                                            grad_scale1)
-    scale2_sum, zero2_sum = _lsq_block_sums(g2, v2, rounded2, codes2, s2, z2, qmin2, qmax2, scale2_ptr, eps,
-                                            grad_scale2)
-    tl.store(partial_ptr + block, scale1_sum)
-    tl.store(partial_ptr + n_blocks + block, zero1_sum)
-    tl.store(partial_ptr + 2 * n_blocks + block, scale2_sum)
-    tl.store(partial_ptr + 3 * n_blocks + block, zero2_sum)
+    scale1_terms = tl.zeros([BLOCK], tl.float32)
+    zero1_terms = tl.zeros([BLOCK], tl.float32)
+    scale2_terms = tl.zeros([BLOCK], tl.float32)
+    zero2_terms = tl.zeros([BLOCK], tl.float32)
+    for tile in tl.range(0, TILES, num_stages=1):
+        offs = (span.to(tl.int64) * TILES + tile) * BLOCK + tl.arange(0, BLOCK)
+        inbounds = offs < numel
+        x = tl.load(x_ptr + offs, mask=inbounds, other=0.0).to(tl.float32)
+        g1 = tl.load(grad1_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD1 else 0.0
+        g2 = tl.load(grad2_ptr + offs, mask=inbounds, other=0.0).to(tl.float32) if HAS_GRAD2 else 0.0
+        live = x > 0.0
+        if RELU:
+            x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+        y1, v1, rounded1, codes1 = _fake_quantized(x, s1, inv_s1, z1, qmin1, qmax1)
+        y1 = y1.to(grad_x_ptr.dtype.element_ty).to(tl.float32)  # as fq2 read it
+        y2, v2, rounded2, codes2 = _fake_quantized(y1, s2, inv_s2, z2, qmin2, qmax2)
+        passes2 = _passes(codes2, qmin2, qmax2, live, False).to(tl.float32)
+        g = (g1 + g2 * passes2).to(grad_x_ptr.dtype.element_ty).to(tl.float32)
+        passes1 = _passes(codes1, qmin1, qmax1, live, RELU)
+        tl.store(grad_x_ptr + offs, (g * passes1.to(tl.float32)).to(grad_x_ptr.dtype.element_ty), mask=inbounds)
+        scale_term, zero_term = _lsq_terms(g, v1, rounded1, codes1, z1, qmin1, qmax1)
+        scale1_terms += scale_term
+        zero1_terms += zero_term
+        scale_term, zero_term = _lsq_terms(g2, v2, rounded2, codes2, z2, qmin2, qmax2)
+        scale2_terms += scale_term
+        zero2_terms += zero_term
+    scale1_sum, zero1_sum = _lsq_sums(scale1_terms, zero1_terms, s1, scale1_ptr, eps, grad_scale1)
+    scale2_sum, zero2_sum = _lsq_sums(scale2_terms, zero2_terms, s2, scale2_ptr, eps, grad_scale2)
+    tl.store(partial_ptr + span, scale1_sum)
+    tl.store(partial_ptr + n_spans + span, zero1_sum)
+    tl.store(partial_ptr + 2 * n_spans + span, scale2_sum)
+    tl.store(partial_ptr + 3 * n_spans + span, zero2_sum)
 
 
 @dataclass(frozen=True)
@@ -280,6 +305,24 @@ def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int
     row_len = x.numel() // rows
     block = _block(row_len, max_block)
     return row_len, block, triton.cdiv(row_len, block)
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """The LSQ backward kernels' launch: blocks of `block` elements, `tiles` blocks per program (a span), `n_spans`
+    programs per row."""
+
+    row_len: int
+    block: int
+    tiles: int
+    n_spans: int
+
+    @classmethod
+    def of(cls, x: Tensor, rows: int) -> _Spans:
+        row_len = x.numel() // rows
+        block = _block(row_len, LSQ_BACKWARD_BLOCK)
+        tiles = min(LSQ_BACKWARD_TILES, triton.next_power_of_2(triton.cdiv(row_len, block)))
+        return cls(row_len, block, tiles, triton.cdiv(row_len, block * tiles))
 
 
 def _launcher(kernel, traced: bool):
@@ -366,17 +409,17 @@ def _backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor | None,
     """(grad_x, sums (2, rows) of the scale / zero-point gradients (a row not asked for: unset), or None)."""
     grad = same_layout(grad, x)
     grad_x = torch.empty_like(x)
-    row_len, block, n_blocks = _launch_shape(x, rows, LSQ_BACKWARD_BLOCK)
+    spans = _Spans.of(x, rows)
     wanted = scale_grad or zero_grad
-    partials = torch.empty((2, rows, n_blocks), device=x.device, dtype=torch.float32) if wanted else grad_x
-    _launcher(_backward_kernel, traced)[(rows * n_blocks,)](
-        grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, row_len, rows, n_blocks,
+    partials = torch.empty((2, rows, spans.n_spans), device=x.device, dtype=torch.float32) if wanted else grad_x
+    _launcher(_backward_kernel, traced)[(rows * spans.n_spans,)](
+        grad, x, grad_x, scale, zero_point if zero_point is not None else scale, partials, spans.row_len, rows,
+        spans.n_spans,
         grid.zero_value, float(grid.qmin), float(grid.qmax), SCALE_EPS, grid.grad_scale,
         LEARNED=grid.learned, HAS_ZERO=zero_point is not None, RELU=grid.relu, SCALE_GRAD=scale_grad,
-        ZERO_GRAD=zero_grad,
-        BLOCK=block, num_warps=4, **_options(traced),
+        ZERO_GRAD=zero_grad, BLOCK=spans.block, TILES=spans.tiles, num_warps=4, **_options(traced),
     )
-    sums = partials.sum(dim=-1) if wanted else None  # (2, rows, blocks) -> (2, rows)
+    sums = partials.sum(dim=-1) if wanted else None  # (2, rows, spans) -> (2, rows)
     return grad_x, sums
 
 
@@ -422,20 +465,20 @@ def _chain_backward(grad1: Tensor | None, grad2: Tensor | None, x: Tensor, scale
                     scale2: Tensor, zero2: Tensor | None, first: _Grid, second: _Grid,
                     traced: bool = False) -> tuple[Tensor, Tensor]:
     """(grad_x, sums (2, 2, 1): [quantizer][scale, zero point] gradients); a gradient None is zero (not
-    materialized). Blocks as in :func:`_backward`."""
+    materialized). Spans as in :func:`_backward`."""
     has_grad1, has_grad2 = grad1 is not None, grad2 is not None
     grad1, grad2 = (x if g is None else same_layout(g, x) for g in (grad1, grad2))  # x: a pointer not read
     grad_x = torch.empty_like(x)
-    _, block, n_blocks = _launch_shape(x, 1, LSQ_BACKWARD_BLOCK)
-    partials = torch.empty((4, n_blocks), device=x.device, dtype=torch.float32)
-    _launcher(_chain_backward_kernel, traced)[(n_blocks,)](
+    spans = _Spans.of(x, 1)
+    partials = torch.empty((4, spans.n_spans), device=x.device, dtype=torch.float32)
+    _launcher(_chain_backward_kernel, traced)[(spans.n_spans,)](
         grad1, grad2, x, grad_x, scale1, zero1 if zero1 is not None else scale1, scale2,
-        zero2 if zero2 is not None else scale2, partials, x.numel(), n_blocks, *_chain_scalars(first, second),
+        zero2 if zero2 is not None else scale2, partials, x.numel(), spans.n_spans, *_chain_scalars(first, second),
         SCALE_EPS, first.grad_scale, second.grad_scale, HAS_ZERO1=zero1 is not None, HAS_ZERO2=zero2 is not None,
-        HAS_GRAD1=has_grad1, HAS_GRAD2=has_grad2, RELU=first.relu, BLOCK=block, num_warps=4,
-        **_options(traced),
+        HAS_GRAD1=has_grad1, HAS_GRAD2=has_grad2, RELU=first.relu, BLOCK=spans.block, TILES=spans.tiles,
+        num_warps=4, **_options(traced),
     )
-    return grad_x, partials.sum(dim=-1).view(2, 2, 1)  # (4, blocks) -> [quantizer][scale, zero][row]
+    return grad_x, partials.sum(dim=-1).view(2, 2, 1)  # (4, spans) -> [quantizer][scale, zero][row]
 
 
 def _needed_chain_gradients(needs: Sequence[bool], grad2: Tensor | None) -> list[bool]:
