@@ -24,14 +24,18 @@ UNTRACEABLE_MODES = ("error", "leaf")
 
 def _low_bit(bits: int) -> QuantConfig:
     """LSQ weights and LSQ+ layer inputs at `bits`; first/last layers and the residual stream (add/cat
-    values) at 8 bits, as in the low-bit QAT literature, which keeps skip connections at high precision."""
+    values) at 8 bits, as in the low-bit QAT literature, which keeps skip connections at high precision. The
+    model input (an image: 8-bit data already) gets an observed 8-bit range, not a learned one: learning it
+    needs the gradient with respect to the input, a data-gradient convolution of the first layer per step that
+    float training never computes."""
     weight = QuantizerConfig(
         QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq",
         init_observer="mse", bins=256,
     )
     activation = QuantizerConfig(QuantSpec(bits=bits, signed=False), "lsq_plus", init_observer="mse", bins=512)
     residual = activation.with_(spec=activation.spec.with_(bits=8))
-    return QuantConfig(weight=weight, activation=activation, first_last_8bit=True, op_activation=residual)
+    return QuantConfig(weight=weight, activation=activation, first_last_8bit=True, op_activation=residual,
+                       input_activation=QuantizerConfig(A8_AFFINE, "minmax"))
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,8 @@ class QuantConfig:
     the residual stream of a ResNet (None: activation); a layer reading such a value at another precision
     gets its own requantizer. type_overrides match module type names, name_overrides module paths
     (applied after type overrides). skip: module path patterns kept in float. first_last_8bit: the first and
-    last quantized layers use 8 bits (standard for low-bit QAT). leaf_modules: module path patterns the tracer
+    last quantized layers use 8 bits (standard for low-bit QAT). input_activation: the quantizer of the model's
+    inputs where quantized compute reads them (None: the reader's activation config). leaf_modules: module path patterns the tracer
     must not enter. on_untraceable: 'error' (raise, naming the module and source line) or 'leaf' (make the
     failing submodule a leaf, quantized by module swap). fuse_bn: fold BatchNorm into the preceding layer."""
 
@@ -91,6 +96,7 @@ class QuantConfig:
     skip: tuple[str, ...] = ()
     first_last_8bit: bool = False
     op_activation: QuantizerConfig | None = None
+    input_activation: QuantizerConfig | None = None
     leaf_modules: tuple[str, ...] = ()
     on_untraceable: str = "error"
     fuse_bn: bool = True
@@ -99,10 +105,10 @@ class QuantConfig:
         for name in ("weight", "activation"):
             if not isinstance(getattr(self, name), QuantizerConfig):
                 raise ValueError(f"QuantConfig.{name} must be a QuantizerConfig, got {type(getattr(self, name)).__name__}")
-        if self.op_activation is not None and not isinstance(self.op_activation, QuantizerConfig):
-            raise ValueError(
-                f"QuantConfig.op_activation must be a QuantizerConfig or None, got {type(self.op_activation).__name__}"
-            )
+        for name in ("op_activation", "input_activation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, QuantizerConfig):
+                raise ValueError(f"QuantConfig.{name} must be a QuantizerConfig or None, got {type(value).__name__}")
         if self.weight.spec.is_dynamic:
             raise ValueError("QuantConfig.weight spec is invalid; allowed granularities: per_tensor, per_channel")
         if self.on_untraceable not in UNTRACEABLE_MODES:

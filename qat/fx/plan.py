@@ -207,9 +207,14 @@ class _Planner:
         if not isinstance(value, fx.Node):
             return
         if value not in self.grid_config:
-            self._add_act(value, f"{value.name}_in", "input", why, cfg)
-        elif reader is not None and self.grid_config[value].spec != cfg.spec:
+            self._add_act(value, f"{value.name}_in", "input", why, self._input_config(value, cfg))
+        if reader is not None and self.grid_config[value].spec != cfg.spec:
             self._add_requant(value, cfg, reader)
+
+    def _input_config(self, value: fx.Node, cfg: QuantizerConfig) -> QuantizerConfig:
+        """The config of a new input quantizer on `value`: the config's input_activation for a model input."""
+        model_input = value.op == "placeholder" and self.config.input_activation is not None
+        return self.config.input_activation if model_input else cfg
 
     def _add_requant(self, value: fx.Node, cfg: QuantizerConfig, reader: fx.Node) -> None:
         key = (value, cfg)

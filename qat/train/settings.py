@@ -81,7 +81,9 @@ class QuantSettings:
             return cfg.with_(**{"init_observer" if cfg.learnable else "range_method": self.observer})
 
         op_activation = config.op_activation and observed_by(config.op_activation)
-        return config.with_(activation=observed_by(config.activation), op_activation=op_activation)
+        input_activation = config.input_activation and observed_by(config.input_activation)
+        return config.with_(activation=observed_by(config.activation), op_activation=op_activation,
+                            input_activation=input_activation)
 
 
 @dataclass(frozen=True)

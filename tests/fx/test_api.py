@@ -140,6 +140,8 @@ def test_config_errors_name_the_problem():
         prepare(Toy().eval(), QuantConfig.preset("w8a8").with_(type_overrides=(LayerOverride("Conv3x3"),)), (x,))
     with pytest.raises(ValueError, match="on_untraceable='skip'.*error, leaf"):
         QuantConfig(on_untraceable="skip")
+    with pytest.raises(ValueError, match="QuantConfig.input_activation must be a QuantizerConfig or None, got str"):
+        QuantConfig(input_activation="minmax")
     with pytest.raises(ValueError, match="QuantSpec.bits=12"):
         LayerOverride("stem", weight_bits=12)
     with pytest.raises(TypeError, match="example_inputs must be a tuple"):
@@ -185,6 +187,32 @@ def test_low_bit_presets_quantize_layer_inputs_low_and_keep_the_residual_stream_
     assert torch.allclose(int8(x), model(x), atol=1e-4)
     rows = layer_agreement(model, int8, [x])  # the chained quantizers' values too
     assert {r.name for r in rows} == {a.quantizer for a in acts}
+
+
+def test_low_bit_presets_observe_the_model_input_so_the_image_needs_no_gradient():
+    """w4a4_lsq quantizes the model input with an observed 8-bit range: nothing learned needs the image's
+    gradient, so the first conv reads a tensor without one and autograd computes no data gradient for it, as in
+    float training. With the input on the layers' learned config it does; a first layer at 4 bits gets a
+    requantizer after the observed 8-bit input quantizer."""
+    from qat.models import build_model
+
+    x = torch.randn(4, 3, 32, 32)
+    preset = QuantConfig.preset("w4a4_lsq")
+    reads_gradient, input_quantizers = {}, {}
+    configs = {"observed": preset, "learned": preset.with_(input_activation=None),
+               "observed, 4-bit first layer": preset.with_(first_last_8bit=False)}
+    for name, config in configs.items():
+        model = prepare(build_model("resnet20", 10).train(), config, example_inputs=(x,))
+        calibrate(model, [torch.randn(8, 3, 32, 32)])
+        model.conv1.register_forward_pre_hook(lambda _, args, name=name: reads_gradient.update({name: args[0].requires_grad}))
+        model(x).sum().backward()
+        input_quantizers[name] = [(a.role, a.config) for a in model.qat_plan.activations if a.node == "x"]
+    assert reads_gradient == {"observed": False, "learned": True, "observed, 4-bit first layer": True}
+    assert input_quantizers["observed"] == [("input", preset.input_activation)]
+    assert not preset.input_activation.learnable and preset.input_activation.spec.bits == 8
+    assert [(role, c.range_method, c.spec.bits) for role, c in input_quantizers["learned"]] == [("input", "lsq_plus", 8)]
+    assert [(role, c.range_method, c.spec.bits) for role, c in input_quantizers["observed, 4-bit first layer"]] == [
+        ("input", "minmax", 8), ("requant", "lsq_plus", 4)]
 
 
 def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer():
