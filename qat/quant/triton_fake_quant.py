@@ -47,6 +47,12 @@ MIN_BLOCK = 128
 # 426 -> 264 us (64 registers instead of 150: more programs resident to keep loads in flight).
 LSQ_BACKWARD_BLOCK = 512
 LSQ_BACKWARD_TILES = 16
+# Unless that launches fewer than LSQ_BACKWARD_MIN_SPANS programs: then one block of LSQ_BACKWARD_SHORT_BLOCK
+# elements per program (the launch before the spans). H200, graphed W4A4 steps: ResNet-50 at 224 px (LSQ tensors
+# of 3.2-103 M elements, 392 spans and more) 33.62 -> 32.55 ms with spans; ResNet-18 at 32 px, batch 512 (0.26-2.1 M
+# elements, 256 spans at most) 2.65 -> 2.82 ms with spans: too few programs to keep every SM's loads in flight.
+LSQ_BACKWARD_MIN_SPANS = 384
+LSQ_BACKWARD_SHORT_BLOCK = 2048
 # Launch option of every Triton kernel of the project (fake-quant, observers, int8 kernels): round every
 # product and sum on its own, as torch's eager ops do; a fused multiply-add could move near-ties of the
 # rounding and break bit-equality with the reference.
@@ -310,7 +316,8 @@ def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int
 @dataclass(frozen=True)
 class _Spans:
     """The LSQ backward kernels' launch: blocks of `block` elements, `tiles` blocks per program (a span), `n_spans`
-    programs per row."""
+    programs per row. Spans of LSQ_BACKWARD_TILES blocks where that gives at least LSQ_BACKWARD_MIN_SPANS
+    programs, else one block per program."""
 
     row_len: int
     block: int
@@ -322,6 +329,8 @@ class _Spans:
         row_len = x.numel() // rows
         block = _block(row_len, LSQ_BACKWARD_BLOCK)
         tiles = min(LSQ_BACKWARD_TILES, triton.next_power_of_2(triton.cdiv(row_len, block)))
+        if rows * triton.cdiv(row_len, block * tiles) < LSQ_BACKWARD_MIN_SPANS:
+            block, tiles = _block(row_len, LSQ_BACKWARD_SHORT_BLOCK), 1
         return cls(row_len, block, tiles, triton.cdiv(row_len, block * tiles))
 
 

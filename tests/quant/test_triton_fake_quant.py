@@ -86,15 +86,30 @@ def test_fixed_qparams_match_reference(fused_module, name, dtype):
     assert 0 < int((x_ref.grad == 0).sum()) < x.numel()  # the test clips some values and keeps others
 
 
+@pytest.fixture(params=["spans", "blocks"])
+def lsq_launch(request, monkeypatch, fused_module) -> str:
+    """Both launches of the LSQ backward kernels: spans of several blocks per program (large tensors) and one
+    block per program (tensors that would give fewer than LSQ_BACKWARD_MIN_SPANS programs)."""
+    monkeypatch.setattr(fused_module, "LSQ_BACKWARD_MIN_SPANS", 0 if request.param == "spans" else 2**62)
+    return request.param
+
+
+def _assert_launch(fused_module, x: torch.Tensor, rows: int, launch: str) -> None:
+    """The launch `lsq_launch` asked for; spans here loop over several blocks, the last one partly masked."""
+    spans = fused_module._Spans.of(x, rows)
+    assert (spans.tiles > 1) == (launch == "spans") and spans.row_len % (spans.block * spans.tiles) != 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", LSQ_SPECS)
-def test_lsq_matches_reference(fused_module, name, dtype):
+def test_lsq_matches_reference(fused_module, lsq_launch, name, dtype):
     spec, learned_zero = LSQ_SPECS[name]
-    shape = (4, 3, 5, 5) if spec.is_per_channel else (2, 3, 40, 50)  # per-tensor: 12000 = several blocks
+    shape = (4, 3, 15, 15) if spec.is_per_channel else (2, 3, 40, 50)  # per-tensor: 12000 = several blocks
     channels = shape[0] if spec.is_per_channel else 1
     scale = (torch.rand(channels) * 0.3 + 0.05).reshape(-1 if spec.is_per_channel else ())
     zero = torch.full(scale.shape, 3.4) if learned_zero else None
     x = _input(shape, scale, spec, dtype) * 0.02
+    _assert_launch(fused_module, x, channels, lsq_launch)
     scale = scale.to(DEVICE)
     fused_args = (_leaf(x), _leaf(scale), None if zero is None else _leaf(zero.to(DEVICE)))
     ref_args = (_leaf(x), _leaf(scale), None if zero is None else _leaf(zero.to(DEVICE)))
@@ -238,13 +253,14 @@ def _chain_results(fused_module, x, params, specs, relu: bool, chained: bool):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("case", CHAIN_CASES)
-def test_lsq_chain_is_the_two_quantizers_in_a_row(fused_module, case, relu, dtype):
+def test_lsq_chain_is_the_two_quantizers_in_a_row(fused_module, lsq_launch, case, relu, dtype):
     """The chain's outputs and input gradient (y1's two gradients summed in y1's dtype, as autograd sums them)
     are those of the two LSQ calls in a row, bit for bit; the four qparam gradients up to the order in which
     the same block sums are added."""
     spec1, zero1, spec2, zero2 = CHAIN_CASES[case]
     scale1, scale2 = torch.tensor(0.03), torch.tensor(0.45)
     x = _input((4, 6, 5, 7), scale1, spec1, dtype)  # across both grids, both clamps reached
+    _assert_launch(fused_module, x, 1, lsq_launch)
     params = [scale1, zero1, scale2, zero2]
     params = [None if p is None else torch.as_tensor(p).to(DEVICE) for p in params]
     chained, in_a_row = (_chain_results(fused_module, x, params, (spec1, spec2), relu, c) for c in (True, False))
