@@ -78,8 +78,9 @@ def round_half_even(x):
 
 @triton.jit
 def _program_tile(row_len, n_blocks, BLOCK: tl.constexpr):
-    """Like _program_slice, with the offsets as a (BLOCK / 8, 8) tile: a row of 8 consecutive elements per
-    byte of the gradient mask's bits, packed and unpacked without reshapes."""
+    """This program's row, its element offsets in the row as a (BLOCK / 8, 8) tile (a row of 8 consecutive
+    elements per byte of the gradient mask's bits, packed and unpacked without reshapes), their in-bounds mask
+    and the row's start."""
     row, block = tl.program_id(0) // n_blocks, tl.program_id(0) % n_blocks
     offs = block * BLOCK + tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     return row, offs, offs < row_len, row.to(tl.int64) * row_len
@@ -306,10 +307,10 @@ def _block(row_len: int, max_block: int = MAX_BLOCK) -> int:
     return max(MIN_BLOCK, min(max_block, triton.next_power_of_2(row_len)))
 
 
-def _launch_shape(x: Tensor, rows: int, max_block: int = MAX_BLOCK) -> tuple[int, int, int]:
+def _launch_shape(x: Tensor, rows: int) -> tuple[int, int, int]:
     """(row length, block size, blocks per row); the grid is one program per (row, block), row-major."""
     row_len = x.numel() // rows
-    block = _block(row_len, max_block)
+    block = _block(row_len)
     return row_len, block, triton.cdiv(row_len, block)
 
 
