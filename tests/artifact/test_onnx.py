@@ -182,7 +182,8 @@ def test_resnet20_qdq_graph_computes_the_fake_quant_model(resnet20_w8a8, resnet2
     err = _lsb_error(unfused, fake_quant, _output_scale(prepared, fake_quant))
     assert (unfused.argmax(1) == fake_quant.argmax(1)).all()
     # ties: ORT divides by s, torch multiplies by 1/s; an intermediate code one off moves a logit by up to ~2 LSB.
-    # Measured on the four batches of 256 (onnxruntime 1.32, onnxscript 0.7.2): 98.9-99.5% within 1 LSB, max 1.99.
+    # Measured on the four batches of 256 on an AMD EPYC host (onnxruntime 1.30-1.32 alike): 98.9-99.5% within 1 LSB,
+    # max 1.99; the fake-quant side's fp32 convolutions round differently from one CPU to another.
     assert (err <= 1.001).float().mean().item() >= 0.99 and err.max() <= 2.001, err.max()
 
 
