@@ -19,15 +19,17 @@ from qat.quant.spec import QuantSpec
 
 W8_PER_CHANNEL = QuantSpec(bits=8, signed=True, symmetric=True, granularity="per_channel")
 A8_AFFINE = QuantSpec(bits=8, signed=False)
+# The model input of the presets with learned activation ranges: observed, not learned. The image is 8-bit data
+# already, and a learned range needs the gradient with respect to it, a data-gradient convolution of the first
+# layer per step that float training never computes.
+OBSERVED_INPUT = QuantizerConfig(A8_AFFINE, "minmax")
 UNTRACEABLE_MODES = ("error", "leaf")
 
 
 def _low_bit(bits: int) -> QuantConfig:
     """LSQ weights and LSQ+ layer inputs at `bits`; first/last layers and the residual stream (add/cat
-    values) at 8 bits, as in the low-bit QAT literature, which keeps skip connections at high precision. The
-    model input (an image: 8-bit data already) gets an observed 8-bit range, not a learned one: learning it
-    needs the gradient with respect to the input, a data-gradient convolution of the first layer per step that
-    float training never computes."""
+    values) at 8 bits, as in the low-bit QAT literature, which keeps skip connections at high precision; the
+    model input observed (OBSERVED_INPUT)."""
     weight = QuantizerConfig(
         QuantSpec(bits=bits, symmetric=True, narrow_range=True, granularity="per_channel"), "lsq",
         init_observer="mse", bins=256,
@@ -35,7 +37,7 @@ def _low_bit(bits: int) -> QuantConfig:
     activation = QuantizerConfig(QuantSpec(bits=bits, signed=False), "lsq_plus", init_observer="mse", bins=512)
     residual = activation.with_(spec=activation.spec.with_(bits=8))
     return QuantConfig(weight=weight, activation=activation, first_last_8bit=True, op_activation=residual,
-                       input_activation=QuantizerConfig(A8_AFFINE, "minmax"))
+                       input_activation=OBSERVED_INPUT)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,8 @@ def _presets() -> dict[str, QuantConfig]:
         "w8a8_ptq": QuantConfig(activation=QuantizerConfig(A8_AFFINE, "percentile", percentile=99.999)),
         "w8a8_minmax": QuantConfig(activation=QuantizerConfig(A8_AFFINE, "minmax")),
         "w8a8_lsq": QuantConfig(
-            weight=QuantizerConfig(W8_PER_CHANNEL, "lsq"), activation=QuantizerConfig(A8_AFFINE, "lsq_plus")
+            weight=QuantizerConfig(W8_PER_CHANNEL, "lsq"), activation=QuantizerConfig(A8_AFFINE, "lsq_plus"),
+            input_activation=OBSERVED_INPUT,
         ),
         "w4a4_lsq": _low_bit(4),
         "w2a2_lsq": _low_bit(2),

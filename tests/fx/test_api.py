@@ -10,6 +10,7 @@ from torch import nn
 from qat.fx import (LayerOverride, QuantConfig, UntraceableModelError, calibrate, check_finite, coverage,
                     enable_fake_quant, enable_observer, explain, prepare)
 from qat.fx import patterns
+from qat.fx.config import PRESETS
 from qat.fx.modules import QConv, QLinear
 from qat.fx.rewrite import undo_training_fusions
 from qat.quant.fake_quantize import LearnableFakeQuantize, chain_fuses
@@ -187,6 +188,15 @@ def test_low_bit_presets_quantize_layer_inputs_low_and_keep_the_residual_stream_
     assert torch.allclose(int8(x), model(x), atol=1e-4)
     rows = layer_agreement(model, int8, [x])  # the chained quantizers' values too
     assert {r.name for r in rows} == {a.quantizer for a in acts}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_no_preset_learns_the_model_input_range(name):
+    """Every preset quantizes the model input at 8 bits with an observed range (the learned presets through
+    input_activation), so none makes the first layer compute a gradient with respect to the image."""
+    config = QuantConfig.preset(name)
+    quantizer = config.input_activation or config.activation
+    assert not quantizer.learnable and quantizer.spec.bits == 8
 
 
 def test_low_bit_presets_observe_the_model_input_so_the_image_needs_no_gradient():
