@@ -82,14 +82,14 @@ class LayerQuant:
 @dataclass(frozen=True)
 class QuantConfig:
     """weight / activation: defaults; a layer's activation config quantizes its input (and its output when only
-    layers wanting that config read it). op_activation: the values add/mul/cat/matmul read and write, i.e.
-    the residual stream of a ResNet (None: activation); a layer reading such a value at another precision
-    gets its own requantizer. type_overrides match module type names, name_overrides module paths
-    (applied after type overrides). skip: module path patterns kept in float. first_last_8bit: the first and
-    last quantized layers use 8 bits (standard for low-bit QAT). input_activation: the quantizer of the model's
-    inputs where quantized compute reads them (None: the reader's activation config). leaf_modules: module path
-    patterns the tracer must not enter. on_untraceable: 'error' (raise, naming the module and source line) or 'leaf' (make the
-    failing submodule a leaf, quantized by module swap). fuse_bn: fold BatchNorm into the preceding layer."""
+    layers wanting that config read it). op_activation: the values add/mul/cat/matmul read and write, i.e. the
+    residual stream of a ResNet (None: activation); a layer reading such a value at another precision gets its own
+    requantizer. type_overrides match module type names, name_overrides module paths (applied after type overrides).
+    skip: module path patterns kept in float. first_last_8bit: the first and last quantized layers use 8 bits
+    (standard for low-bit QAT). input_activation: the quantizer of the model's inputs, or of values computed from
+    them alone, where quantized compute reads them (None: the reader's activation config). leaf_modules: module path
+    patterns the tracer must not enter. on_untraceable: 'error' (raise, naming the module and source line) or 'leaf'
+    (make the failing submodule a leaf, quantized by module swap). fuse_bn: fold BatchNorm into the preceding layer."""
 
     weight: QuantizerConfig = QuantizerConfig(W8_PER_CHANNEL, "minmax")
     activation: QuantizerConfig = QuantizerConfig(A8_AFFINE, "ema")

@@ -81,6 +81,7 @@ class _Planner:
     def __init__(self, gm: fx.GraphModule, config: QuantConfig, leaves: tuple[str, ...]):
         self.gm, self.config, self.leaves = gm, config, leaves
         self.modules = dict(gm.named_modules())
+        self.input_values = _input_values(gm, self.modules)
         self.grid_config: dict[fx.Node, QuantizerConfig] = {}  # values on a grid -> the quantizer that put them there
         self.requants: dict[tuple[fx.Node, QuantizerConfig], int] = {}  # -> index of the decision in self.acts
         self.resolved: dict[fx.Node, LayerQuant] = {}
@@ -212,8 +213,9 @@ class _Planner:
             self._add_requant(value, cfg, reader)
 
     def _input_config(self, value: fx.Node, cfg: QuantizerConfig) -> QuantizerConfig:
-        """The config of a new input quantizer on `value`: the config's input_activation for a model input."""
-        model_input = value.op == "placeholder" and self.config.input_activation is not None
+        """The config of a new input quantizer on `value`: the config's input_activation for a model input (or a
+        value computed from model inputs alone)."""
+        model_input = value in self.input_values and self.config.input_activation is not None
         return self.config.input_activation if model_input else cfg
 
     def _add_requant(self, value: fx.Node, cfg: QuantizerConfig, reader: fx.Node) -> None:
@@ -239,6 +241,30 @@ class _Planner:
     def _add_act(self, node: fx.Node, quantizer: str, role: str, why: str, cfg: QuantizerConfig) -> None:
         self.acts.append(ActDecision(node.name, quantizer, role, why, cfg))
         self.grid_config[node] = cfg
+
+
+def _input_values(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
+    """The model inputs and the values computed from them alone: no parameter on the way, only constants,
+    buffers and parameter-free modules (e.g. a normalisation with fixed mean and std inside the model)."""
+    values: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            values.add(node)
+        elif node.op == "get_attr":
+            if not isinstance(_attribute(gm, node.target), nn.Parameter):
+                values.add(node)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            parameter_free = node.op != "call_module" or not any(True for _ in modules[node.target].parameters())
+            if parameter_free and node.all_input_nodes and all(n in values for n in node.all_input_nodes):
+                values.add(node)
+    return values
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    value = gm
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -214,15 +214,42 @@ def test_low_bit_presets_observe_the_model_input_so_the_image_needs_no_gradient(
     for name, config in configs.items():
         model = prepare(build_model("resnet20", 10).train(), config, example_inputs=(x,))
         calibrate(model, [torch.randn(8, 3, 32, 32)])
-        model.conv1.register_forward_pre_hook(lambda _, args, name=name: reads_gradient.update({name: args[0].requires_grad}))
+        model.conv1.register_forward_pre_hook(
+            lambda _, args, name=name: reads_gradient.update({name: args[0].requires_grad}))
         model(x).sum().backward()
-        input_quantizers[name] = [(a.role, a.config) for a in model.qat_plan.activations if a.node == "x"]
+        input_quantizers[name] = [(a.role, a.config.range_method, a.config.spec.bits)
+                                  for a in model.qat_plan.activations if a.node == "x"]
     assert reads_gradient == {"observed": False, "learned": True, "observed, 4-bit first layer": True}
-    assert input_quantizers["observed"] == [("input", preset.input_activation)]
     assert not preset.input_activation.learnable and preset.input_activation.spec.bits == 8
-    assert [(role, c.range_method, c.spec.bits) for role, c in input_quantizers["learned"]] == [("input", "lsq_plus", 8)]
-    assert [(role, c.range_method, c.spec.bits) for role, c in input_quantizers["observed, 4-bit first layer"]] == [
-        ("input", "minmax", 8), ("requant", "lsq_plus", 4)]
+    assert input_quantizers == {"observed": [("input", "minmax", 8)], "learned": [("input", "lsq_plus", 8)],
+                                "observed, 4-bit first layer": [("input", "minmax", 8), ("requant", "lsq_plus", 4)]}
+
+
+class Normalized(nn.Module):
+    """Normalises its input inside the model (fixed mean and std buffers; `scaled`: then a learned gain)."""
+
+    def __init__(self, scaled: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).reshape(1, 3, 1, 1))
+        self.gain = nn.Parameter(torch.ones(1)) if scaled else None
+        self.pool, self.conv = nn.AvgPool2d(2), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        x = self.pool((x - self.mean) / self.std)
+        if self.gain is not None:
+            x = x * self.gain
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["normalised", "then_learned_gain"])
+def test_values_computed_from_the_input_alone_get_the_input_quantizer(scaled):
+    """A normalisation inside the model (buffers, a parameter-free module) keeps the value an input value: the
+    conv reads it through the observed input quantizer; a parameter on the way makes it the layer's own."""
+    x = torch.rand(2, 3, 8, 8)
+    model = prepare(Normalized(scaled), QuantConfig.preset("w4a4_lsq"), example_inputs=(x,))
+    (conv_input,) = [a for a in model.qat_plan.activations if a.op == "input of conv"]
+    assert conv_input.config.learnable == scaled
 
 
 def test_two_layers_reading_one_value_at_another_precision_share_one_requantizer():
