@@ -246,25 +246,19 @@ class _Planner:
 def _input_values(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[fx.Node]:
     """The model inputs and the values computed from them alone: no parameter on the way, only constants,
     buffers and parameter-free modules (e.g. a normalisation with fixed mean and std inside the model)."""
+    parameters = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     values: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             values.add(node)
         elif node.op == "get_attr":
-            if not isinstance(_attribute(gm, node.target), nn.Parameter):
+            if node.target not in parameters:
                 values.add(node)
         elif node.op in ("call_function", "call_method", "call_module"):
             parameter_free = node.op != "call_module" or not any(True for _ in modules[node.target].parameters())
             if parameter_free and node.all_input_nodes and all(n in values for n in node.all_input_nodes):
                 values.add(node)
     return values
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    value = gm
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
 
 
 def _out_channels(module: nn.Module) -> int:

@@ -12,8 +12,7 @@ from qat.fx import patterns
 from qat.fx.leaf_swaps import LEAF_SWAPS
 from qat.fx.modules import FLOAT_TO_QAT, QuantizedWeightModule, fold_relu_into_quantizer
 from qat.fx.plan import QuantPlan
-from qat.quant.fake_quantize import LearnableFakeQuantize, QuantizerBase, quantize_chain
-from qat.quant.spec import Granularity
+from qat.quant.fake_quantize import QuantizerBase, is_per_tensor_lsq, quantize_chain
 
 ACT_CONTAINER = "act_quantizers"
 
@@ -28,6 +27,11 @@ class ActivationQuantizers(nn.ModuleDict):
 def is_activation_quantizer_call(node: fx.Node) -> bool:
     """`node` calls one of the graph's activation quantizers (not the container's two-quantizer call)."""
     return node.op == "call_module" and node.target.startswith(f"{ACT_CONTAINER}.")
+
+
+def activation_quantizer_name(node: fx.Node) -> str:
+    """The name in the container of the quantizer an :func:`is_activation_quantizer_call` node calls."""
+    return node.target[len(ACT_CONTAINER) + 1:]
 
 
 def set_preserved_attr(gm: fx.GraphModule, name: str, value) -> None:
@@ -118,9 +122,7 @@ def _only_reader_of_input(node: fx.Node) -> bool:
 
 def _chained_quantizer(node: fx.Node, calls: Counter, modules: dict[str, nn.Module]) -> bool:
     """`node` calls, once in the graph, an activation quantizer that quantize_chain may fuse (per-tensor LSQ)."""
-    module = modules[node.target] if is_activation_quantizer_call(node) else None
-    return (isinstance(module, LearnableFakeQuantize) and module.method != "pact" and calls[node.target] == 1
-            and module.spec.granularity is Granularity.PER_TENSOR)
+    return is_activation_quantizer_call(node) and is_per_tensor_lsq(modules[node.target]) and calls[node.target] == 1
 
 
 def _chain_quantizers(gm: fx.GraphModule) -> None:
@@ -129,14 +131,14 @@ def _chain_quantizers(gm: fx.GraphModule) -> None:
     each way instead of two plus a gradient sum. :func:`unchain_quantizers` undoes it."""
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
     modules = dict(gm.named_modules())
-    prefix = len(ACT_CONTAINER) + 1
     for second in list(gm.graph.nodes):
         first = second.args[0] if second.args else None
         if not (isinstance(first, fx.Node) and _chained_quantizer(second, calls, modules)
                 and _chained_quantizer(first, calls, modules)) or modules[second.target].applies_relu:
             continue
         with gm.graph.inserting_before(first):
-            pair = gm.graph.call_module(ACT_CONTAINER, (first.args[0], first.target[prefix:], second.target[prefix:]))
+            names = (activation_quantizer_name(first), activation_quantizer_name(second))
+            pair = gm.graph.call_module(ACT_CONTAINER, (first.args[0], *names))
             values = [gm.graph.call_function(operator.getitem, (pair, i)) for i in (0, 1)]
         second.replace_all_uses_with(values[1])
         gm.graph.erase_node(second)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from qat.fx.rewrite import ACT_CONTAINER, is_activation_quantizer_call, undo_training_fusions
+from qat.fx.rewrite import activation_quantizer_name, is_activation_quantizer_call, undo_training_fusions
 from qat.kernels import get_backend
 
 
@@ -45,8 +45,7 @@ def layer_agreement(prepared: fx.GraphModule, int8: fx.GraphModule, batches: Ite
     backend = get_backend(int8.qat_backend)
     prepared = copy.deepcopy(prepared)
     undo_training_fusions(prepared)  # one node per quantizer, its value recorded
-    fq_nodes = {n.target[len(ACT_CONTAINER) + 1:]: n.name for n in prepared.graph.nodes
-                if is_activation_quantizer_call(n)}
+    fq_nodes = {activation_quantizer_name(n): n.name for n in prepared.graph.nodes if is_activation_quantizer_call(n)}
     pairs = {q: (fq_nodes[q], node) for q, node in int8.qat_value_map.items() if q in fq_nodes}
     stats = {q: [0.0, 0.0, 0.0, 0, 0] for q in pairs}  # signal, noise, max lsb, within, count
     prepared.eval()

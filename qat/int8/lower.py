@@ -32,7 +32,7 @@ from torch import fx, nn
 from qat.fx import patterns
 from qat.fx.api import model_device
 from qat.fx.modules import QConv, QConvTranspose2d, QLinear, QuantizedWeightModule
-from qat.fx.rewrite import ACT_CONTAINER, set_preserved_attr, undo_training_fusions
+from qat.fx.rewrite import activation_quantizer_name, set_preserved_attr, undo_training_fusions
 from qat.int8 import modules as q8
 from qat.kernels import BACKENDS, ActQParams, AttentionGrids, ConvGeometry, Int8Weight
 from qat.quant.affine import quantize
@@ -177,7 +177,7 @@ class _Lowering:
         if qp is None:
             return self._float_node(node)  # dynamic quantizer: stays fake-quant in float
         qp = qp.as_int8() if self.int8_activations else qp
-        quantizer_name = node.target[len(ACT_CONTAINER) + 1:]
+        quantizer_name = activation_quantizer_name(node)
         if producer in self.open_ops:  # the op's requantize epilogue takes the quantizer's place
             self.open_ops.pop(producer).out_qp = qp
             new = self._drop(node, producer)

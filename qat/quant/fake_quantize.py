@@ -211,11 +211,16 @@ class LearnableFakeQuantize(QuantizerBase):
         return f"{self.method}, {super().extra_repr()}"
 
 
+def is_per_tensor_lsq(quantizer: QuantizerBase) -> bool:
+    """A per-tensor LSQ / LSQ+ quantizer: the kind :func:`quantize_chain` can fuse."""
+    return (isinstance(quantizer, LearnableFakeQuantize) and quantizer.method != "pact"
+            and quantizer.spec.granularity is Granularity.PER_TENSOR)
+
+
 def _trained_lsq(quantizer: QuantizerBase) -> bool:
     """A per-tensor LSQ / LSQ+ quantizer being trained: its range is its parameters (no observer pass)."""
-    return (isinstance(quantizer, LearnableFakeQuantize) and quantizer.method != "pact"
-            and quantizer.spec.granularity is Granularity.PER_TENSOR and quantizer.fake_quant_enabled
-            and not quantizer.observer_enabled and quantizer.initialized and not quantizer._stale)
+    return (is_per_tensor_lsq(quantizer) and quantizer.fake_quant_enabled and not quantizer.observer_enabled
+            and quantizer.initialized and not quantizer._stale)
 
 
 def chain_fuses(x: torch.Tensor, first: QuantizerBase, second: QuantizerBase) -> bool:
