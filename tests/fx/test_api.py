@@ -324,8 +324,9 @@ def test_training_fusions_change_no_value_or_gradient(request, fused, preset):
     convert starts from), on the torch path and on the fused kernels (where the chain is one kernel)."""
     if fused:
         request.getfixturevalue("triton_on_cpu")
-    x = torch.randn(4, 3, 8, 8)
-    prepared = prepare(ConvBnReluNet().eval(), QuantConfig.preset(preset), (x,))
+    device = "cuda" if fused and torch.cuda.is_available() else "cpu"  # the kernels serve CUDA tensors there
+    x = torch.randn(4, 3, 8, 8, device=device)
+    prepared = prepare(ConvBnReluNet().eval().to(device), QuantConfig.preset(preset), (x,))
     assert all(prepared.get_submodule(f"{n}.0").activation_in_output_quantizer for n in "ab")
     assert _relu_nodes(prepared) == []  # the ReLU after the add is in the add's output quantizer
     chains = [n for n in prepared.graph.nodes if n.op == "call_module" and n.target == "act_quantizers"]
@@ -341,7 +342,8 @@ def test_training_fusions_change_no_value_or_gradient(request, fused, preset):
         ranges = [p.grad for name, p in model.named_parameters() if name.startswith("act_quantizers")]
         results.append((y, model.get_submodule("a.0").weight.grad, layer.bn.weight.grad, *ranges))
     for chain in chains:
-        assert chain_fuses(torch.ones(1), *(prepared.act_quantizers[name] for name in chain.args[1:])) == fused
+        quantizers = (prepared.act_quantizers[name] for name in chain.args[1:])
+        assert chain_fuses(torch.ones(1, device=device), *quantizers) == fused
     assert len(results[0]) == len(results[1])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
