@@ -73,9 +73,11 @@ class LitClassifier(L.LightningModule):
     """Logs train/loss, train/acc1 (train/kd when distilling), val|test/{loss, acc1, acc5} and each group's lr.
 
     teacher: a float model distilled into `net` with `distill` (alpha > 0); frozen and kept in eval mode.
-    compile_net: training steps call `net`'s forward under torch.compile (compiled on the first step, and again
-    when a callback flips a quantizer switch); validation and test run it eagerly. The compiled function is a
-    plain attribute, so the state dict and checkpoints keep `net`'s own keys.
+    compile_mode: None (eager), or a torch.compile mode ("default", "reduce-overhead", "max-autotune"): training
+    steps call `net`'s forward under torch.compile in that mode (compiled on the first step, and again when a
+    callback flips a quantizer switch); validation and test run it eagerly. Every compiled step starts a new
+    CUDA-graph generation (the previous step's graph outputs are done with). The compiled function is a plain
+    attribute, so the state dict and checkpoints keep `net`'s own keys.
     """
 
     def __init__(
@@ -86,11 +88,11 @@ class LitClassifier(L.LightningModule):
         scheduler: SchedulerSettings = CONSTANT_LR,
         teacher: nn.Module | None = None,
         distill: DistillSettings = NO_DISTILLATION,
-        compile_net: bool = False,
+        compile_mode: str | None = None,
     ):
         super().__init__()
         self.net = net
-        self.compile_net = compile_net
+        self.compile_mode = compile_mode
         self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.teacher = teacher  # frozen, always in eval mode; not in the optimizer
         if teacher is not None:
@@ -110,10 +112,11 @@ class LitClassifier(L.LightningModule):
         return self.net(x)
 
     def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.compile_net:
+        if self.compile_mode is None:
             return self.net(x)
         if self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.net.forward)
+            self._compiled_forward = torch.compile(self.net.forward, mode=self.compile_mode)
+        torch.compiler.cudagraph_mark_step_begin()
         with one_graph_under_ddp():
             return self._compiled_forward(x)
 

@@ -63,7 +63,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
         _log_config(trainer, cfg)
         teacher = copy.deepcopy(float_model).eval() if settings.distill.alpha > 0 else None
         lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler, teacher, settings.distill,
-                            compile_net=settings.compile)
+                            compile_mode=settings.compile_mode if settings.compile else None)
         trainer.fit(lit, datamodule=datamodule, ckpt_path=settings.ckpt_path)
         if not trainer.is_global_zero:
             return None

@@ -30,6 +30,7 @@ TASKS = ("fp32", "ptq", "qat")
 OPTIMIZER_NAMES = ("sgd", "adamw")
 SCHEDULER_NAMES = ("onecycle", "cosine", "none")
 BACKEND_NAMES = ("auto", *BACKENDS)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 EDGE_KEYS = ("paths", "data", "trainer", "logger", "callbacks")  # instantiated with hydra.utils.instantiate
 
 
@@ -143,6 +144,7 @@ class RunSettings:
     ckpt_path: str | None = None
     backend: str = field(default="auto", metadata=_choices(*BACKEND_NAMES))
     compile: bool = False  # training steps run the network under torch.compile
+    compile_mode: str = field(default="default", metadata=_choices(*COMPILE_MODES))  # reduce-overhead: CUDA graphs
     model: ModelSettings = ModelSettings()
     quant: QuantSettings = QuantSettings()
     optimizer: OptimizerSettings = OptimizerSettings()
@@ -195,6 +197,9 @@ def _check_consistency(s: RunSettings) -> None:
                           "a quantized one); allowed: 0, or task=qat")
     if s.task == "ptq" and s.compile:
         raise ConfigError("compile=true is invalid for task=ptq (nothing is trained); allowed: false")
+    if s.compile_mode != "default" and not s.compile:
+        raise ConfigError(f"compile_mode={s.compile_mode} is invalid with compile=false (nothing is compiled); "
+                          "allowed: default, or compile=true")
     if s.task == "ptq" and s.ckpt_path is not None:
         raise ConfigError("ckpt_path is invalid for task=ptq (nothing is trained); allowed: null")
     for key, path in (("model.pretrained", s.model.pretrained), ("ckpt_path", s.ckpt_path)):
