@@ -60,9 +60,18 @@ def test_qat_run_with_distillation_from_the_float_model(tmp_path):
 
 
 @pytest.mark.slow
-def test_qat_run_with_compiled_training_steps(tmp_path):
-    """compile=true: the QAT run trains through torch.compile and converts, exports and reports as usual."""
-    _run_and_check(tmp_path, "qat_resnet", "compile=true")
+def test_qat_run_with_compiled_training_steps(tmp_path, monkeypatch):
+    """compile=true: the QAT run trains through torch.compile in compile_mode's mode (on the CPU reduce-overhead
+    has no CUDA graphs) and converts, exports and reports as usual."""
+    modes, compile_ = [], torch.compile
+
+    def recording_compile(fn, **kwargs):
+        modes.append(kwargs.get("mode"))
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    _run_and_check(tmp_path, "qat_resnet", "compile=true", "compile_mode=reduce-overhead")
+    assert modes == ["reduce-overhead"]
 
 
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):
