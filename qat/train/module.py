@@ -70,7 +70,8 @@ def one_graph_under_ddp() -> Iterator[None]:
 
 
 class LitClassifier(L.LightningModule):
-    """Logs train/loss, train/acc1 (train/kd when distilling), val|test/{loss, acc1, acc5} and each group's lr.
+    """Logs train/loss, train/acc1 (train/kd when distilling), val|test/{loss, acc1, acc5} and each group's lr
+    (lr/<group name>, at the steps Lightning writes: every `trainer.log_every_n_steps`).
 
     teacher: a float model distilled into `net` with `distill` (alpha > 0); frozen and kept in eval mode.
     compile_mode: None (eager), or a torch.compile mode ("default", "reduce-overhead", "max-autotune"): training
@@ -130,7 +131,7 @@ class LitClassifier(L.LightningModule):
             kd = distillation_loss(logits, teacher_logits, self.distill.temperature)
             self.log("train/kd", kd)
             loss = (1 - self.distill.alpha) * loss + self.distill.alpha * kd
-        self.train_acc1(logits, y)
+        self.train_acc1.update(logits, y)  # not forward: it computes a batch value (logged per epoch only)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
         return loss
@@ -152,6 +153,8 @@ class LitClassifier(L.LightningModule):
         self._evaluate(batch, "test")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if not self.trainer._logger_connector.should_update_logs:  # Lightning writes step values only then (its
+            return  # LearningRateMonitor asks the same); a self.log call costs about a tenth of a tiny net's step
         for group in self.optimizers().param_groups:
             self.log(f"lr/{group.get('name', 'group')}", group["lr"], on_step=True, on_epoch=False)
 

@@ -217,3 +217,36 @@ def test_compiled_steps_turn_the_ddp_graph_split_off_only_inside_the_step():
     with pytest.raises(RuntimeError, match="step failed"), one_graph_under_ddp():
         raise RuntimeError("step failed")
     assert config.optimize_ddp == before
+
+
+def test_training_logs_each_groups_lr_at_the_written_steps_and_the_epochs_top1(tmp_path):
+    """lr/<group> reaches the logger at the steps Lightning writes (every log_every_n_steps), with the optimizer's
+    lr at that step; train/acc1 per epoch is the top-1 over that epoch's training batches."""
+    import csv
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    batches = [(torch.randn(8, 3, 2, 2), torch.randint(0, 10, (8,))) for _ in range(5)]
+    correct = []  # per training forward: top-1 hits of its batch (batches come in order)
+    net.register_forward_hook(lambda m, inputs, out: correct.append((out.argmax(1) == batches[len(correct) % 5][1])))
+    lrs = []
+
+    class RecordLr(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    lit = LitClassifier(net, 10, OptimizerSettings(lr=0.1), SchedulerSettings(name="cosine"))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="m"),
+                        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[RecordLr()])
+    trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    logged_lrs = [float(r["lr/weights"]) for r in rows if r.get("lr/weights")]
+    assert logged_lrs == pytest.approx([lrs[step] for step in range(2, 10, 3)])  # steps 3, 6, 9 of 10
+    assert len(set(lrs)) > 3  # the schedule moved the lr: the values tell the steps apart
+    epoch_top1 = [float(r["train/acc1"]) for r in rows if r.get("train/acc1")]
+    expected = [torch.cat(correct[:5]).float().mean().item(), torch.cat(correct[5:10]).float().mean().item()]
+    assert len(correct) == 10 and epoch_top1 == pytest.approx(expected)
