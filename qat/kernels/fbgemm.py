@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qat.kernels.reference import (ReferenceBackend, attention_unfused, dequantize_activation, finish,
-                                   layer_then_add, lookup_codes, make_packed)
+from qat.kernels.reference import (ReferenceBackend, UnfusedLayerAdd, attention_unfused, dequantize_activation,
+                                   finish, lookup_codes, make_packed)
 from qat.kernels.types import ActQParams, AttentionGrids, ConvGeometry, Int8Weight, Packed
 
 _ENGINE_PREFERENCE = ("x86", "fbgemm")
@@ -116,7 +116,7 @@ NATIVE_GRID_MODULES = (torch.nn.MaxPool2d, torch.nn.AdaptiveMaxPool2d, torch.nn.
 NATIVE_GRID_FUNCTIONS = frozenset({F.max_pool2d, F.relu, torch.relu})
 
 
-class FbgemmBackend:
+class FbgemmBackend(UnfusedLayerAdd):
     """torch quantized CPU kernels; backend tensors are quint8 tensors (see the module docstring)."""
 
     name = "fbgemm"
@@ -208,14 +208,6 @@ class FbgemmBackend:
             return finish(y, None, relu)
         op = torch.ops.quantized.conv2d_relu if relu else torch.ops.quantized.conv2d
         return _clamp_to_range(op(x, packed.native, out_qp.scale, _backend_zero_point(out_qp)), out_qp)
-
-    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
-                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
-        return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
-
-    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
-                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
-        return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         packed = _REFERENCE.pack_conv_transpose2d(weight, bias, geometry)

@@ -109,6 +109,19 @@ def layer_then_add(backend, kind: str, x: Tensor, x_qp: ActQParams, packed: Pack
     return backend.add(y, layer_qp, other, other_qp, out_qp, relu)
 
 
+class UnfusedLayerAdd:
+    """``conv2d_add`` / ``linear_add`` as the unfused graph (:func:`layer_then_add`): for backends without a fused
+    layer + add kernel (``fuses_layer_add = False``)."""
+
+    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
+        return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
+
+    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
+                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
+        return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
+
+
 def attention_unfused(backend, q: Tensor, k_t: Tensor, v: Tensor, grids: AttentionGrids,
                       out_qp: ActQParams | None) -> Tensor:
     """The unfused graph that ``attention`` stands for: ``q @ k_t`` requantized to the scores' grid, its codes
@@ -129,7 +142,7 @@ def _shifted(q: Tensor, qp: ActQParams) -> Tensor:
     return q.double() - qp.zero_point
 
 
-class ReferenceBackend:
+class ReferenceBackend(UnfusedLayerAdd):
     """Ground-truth backend: plain int tensors in and out, float64-exact accumulation, any device."""
 
     name = "reference"
@@ -184,14 +197,6 @@ class ReferenceBackend:
             acc = F.conv2d(_shifted(x, x_qp), packed.weight.q.double(), None, g.stride, g.padding, g.dilation, g.groups)
         y = scale_accumulator(acc, output_multiplier(x_qp, packed.weight), packed.bias, channel_dim=1)
         return finish(y, out_qp, relu)
-
-    def conv2d_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, conv_qp: ActQParams, other: Tensor,
-                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, conv_relu: bool = False) -> Tensor:
-        return layer_then_add(self, "conv2d", x, x_qp, packed, conv_qp, other, other_qp, out_qp, relu, conv_relu)
-
-    def linear_add(self, x: Tensor, x_qp: ActQParams, packed: Packed, linear_qp: ActQParams, other: Tensor,
-                   other_qp: ActQParams, out_qp: ActQParams, relu: bool = False, linear_relu: bool = False) -> Tensor:
-        return layer_then_add(self, "linear", x, x_qp, packed, linear_qp, other, other_qp, out_qp, relu, linear_relu)
 
     def pack_conv_transpose2d(self, weight: Int8Weight, bias: Tensor | None, geometry: ConvGeometry) -> Packed:
         _check_out_channels(weight, weight.q.shape[1] * geometry.groups)
