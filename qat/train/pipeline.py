@@ -39,7 +39,7 @@ from qat.train.callbacks import QATSchedule, RNGStateCheckpoint, SyncQuantState
 from qat.train.evaluate import VariantResult, measure
 from qat.train.module import LitClassifier
 from qat.train.report import RunSummary, plot_summary, print_table, write_summary
-from qat.train.settings import ConfigError, RunSettings, run_settings
+from qat.train.settings import MEMORY_FORMATS, ConfigError, RunSettings, run_settings
 
 
 def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
@@ -63,7 +63,8 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
         _log_config(trainer, cfg)
         teacher = copy.deepcopy(float_model).eval() if settings.distill.alpha > 0 else None
         lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler, teacher, settings.distill,
-                            compile_mode=settings.compile_mode if settings.compile else None)
+                            compile_mode=settings.compile_mode if settings.compile else None,
+                            memory_format=MEMORY_FORMATS[settings.memory_format])
         trainer.fit(lit, datamodule=datamodule, ckpt_path=settings.ckpt_path)
         if not trainer.is_global_zero:
             return None

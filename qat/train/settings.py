@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from qat.fx.config import PRESETS, QuantConfig
 from qat.kernels import BACKENDS
 from qat.models import MODELS
@@ -31,6 +33,7 @@ OPTIMIZER_NAMES = ("sgd", "adamw")
 SCHEDULER_NAMES = ("onecycle", "cosine", "none")
 BACKEND_NAMES = ("auto", *BACKENDS)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 EDGE_KEYS = ("paths", "data", "trainer", "logger", "callbacks")  # instantiated with hydra.utils.instantiate
 
 
@@ -145,6 +148,7 @@ class RunSettings:
     backend: str = field(default="auto", metadata=_choices(*BACKEND_NAMES))
     compile: bool = False  # training steps run the network under torch.compile
     compile_mode: str = field(default="default", metadata=_choices(*COMPILE_MODES))  # reduce-overhead: CUDA graphs
+    memory_format: str = field(default="contiguous", metadata=_choices(*MEMORY_FORMATS))  # while fitting
     model: ModelSettings = ModelSettings()
     quant: QuantSettings = QuantSettings()
     optimizer: OptimizerSettings = OptimizerSettings()

@@ -107,6 +107,7 @@ BAD_VALUES = [
     ("task=ptq compile=true", "compile=true is invalid for task=ptq (nothing is trained); allowed: false"),
     ("compile=sometimes", "compile='sometimes' is invalid; allowed: true/false"),
     ("compile=true compile_mode=fast", "compile_mode='fast' is invalid; allowed: default, reduce-overhead, max-autotune"),
+    ("memory_format=nhwc", "memory_format='nhwc' is invalid; allowed: contiguous, channels_last"),
     ("compile_mode=reduce-overhead", "compile_mode=reduce-overhead is invalid with compile=false (nothing is compiled)"),
 ]
 

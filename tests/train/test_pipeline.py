@@ -74,6 +74,11 @@ def test_qat_run_with_compiled_training_steps(tmp_path, monkeypatch):
     assert modes == ["reduce-overhead"]
 
 
+def test_qat_run_in_channels_last(tmp_path):
+    """memory_format=channels_last: trains NHWC, then converts, exports and reports from the contiguous net."""
+    _run_and_check(tmp_path, "qat_resnet", "memory_format=channels_last")
+
+
 def test_ptq_run_exports_onnx_that_onnxruntime_runs(tmp_path):
     import onnxruntime
 

@@ -250,3 +250,42 @@ def test_training_logs_each_groups_lr_at_the_written_steps_and_the_epochs_top1(t
     epoch_top1 = [float(r["train/acc1"]) for r in rows if r.get("train/acc1")]
     expected = [torch.cat(correct[:5]).float().mean().item(), torch.cat(correct[5:10]).float().mean().item()]
     assert len(correct) == 10 and epoch_top1 == pytest.approx(expected)
+
+
+def test_channels_last_fits_in_nhwc_and_hands_back_a_contiguous_net():
+    """memory_format=channels_last: batches and 4-d weights are NHWC while fitting (the teacher's too), the losses
+    equal the contiguous run's, and the net is contiguous again afterwards."""
+    import lightning as L
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10))
+    batches = [(torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))) for _ in range(3)]
+    prepared = prepare(net, QuantConfig.preset("w8a8"), example_inputs=(batches[0][0],))
+    calibrate(prepared, [batches[0][0]])
+    runs = {}
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        seen, losses = [], []
+        student, teacher = copy.deepcopy(prepared), copy.deepcopy(net).eval()
+        conv = next(m for m in student.modules() if isinstance(m, QuantizedWeightModule))
+        for layer in (conv, teacher[0]):  # (is the input NHWC, are the weights) at every forward
+            layer.register_forward_pre_hook(lambda m, args: seen.append(
+                (args[0].is_contiguous(memory_format=torch.channels_last),
+                 m.weight.is_contiguous(memory_format=torch.channels_last))))
+
+        class RecordLoss(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                losses.append(outputs["loss"].item())
+
+        lit = LitClassifier(student, 10, teacher=teacher, distill=DistillSettings(alpha=0.5),
+                            memory_format=memory_format)
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, limit_val_batches=0,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[RecordLoss()])
+        trainer.fit(lit, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        nhwc = memory_format == torch.channels_last
+        assert seen == [(nhwc, nhwc)] * 6  # student and teacher, 3 steps
+        assert teacher[0].weight.is_contiguous() and conv.weight.is_contiguous()
+        assert not nhwc or not conv.weight.is_contiguous(memory_format=torch.channels_last)  # back to NCHW
+        runs[nhwc] = losses
+    torch.testing.assert_close(torch.tensor(runs[True]), torch.tensor(runs[False]), rtol=1e-4, atol=1e-5)
