@@ -183,7 +183,8 @@ class EntropyObserver(HistogramObserver):
     per quantization level) and the full span; `max_candidates >= bins` tries every bin edge.
 
     >>> obs = EntropyObserver(QuantSpec(bits=8, signed=True, symmetric=True))
-    >>> _ = obs(torch.cat([torch.randn(100_000), torch.tensor([1000.0])]))
+    >>> samples = torch.randn(100_000, generator=torch.Generator().manual_seed(0))  # the draw decides between
+    >>> _ = obs(torch.cat([samples, torch.tensor([1000.0])]))  # the narrowest window and the next candidate
     >>> obs.range()[1].item()  # the narrowest window: 128 of 2048 bins of |x| in [0, 1000]
     62.5
     """

@@ -201,6 +201,9 @@ def _check_consistency(s: RunSettings) -> None:
                           "a quantized one); allowed: 0, or task=qat")
     if s.task == "ptq" and s.compile:
         raise ConfigError("compile=true is invalid for task=ptq (nothing is trained); allowed: false")
+    if s.task == "ptq" and s.memory_format != "contiguous":
+        raise ConfigError(f"memory_format={s.memory_format} is invalid for task=ptq (nothing is trained); "
+                          "allowed: contiguous")
     if s.compile_mode != "default" and not s.compile:
         raise ConfigError(f"compile_mode={s.compile_mode} is invalid with compile=false (nothing is compiled); "
                           "allowed: default, or compile=true")

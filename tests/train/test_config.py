@@ -108,6 +108,7 @@ BAD_VALUES = [
     ("compile=sometimes", "compile='sometimes' is invalid; allowed: true/false"),
     ("compile=true compile_mode=fast", "compile_mode='fast' is invalid; allowed: default, reduce-overhead, max-autotune"),
     ("memory_format=nhwc", "memory_format='nhwc' is invalid; allowed: contiguous, channels_last"),
+    ("task=ptq memory_format=channels_last", "memory_format=channels_last is invalid for task=ptq (nothing is trained)"),
     ("compile_mode=reduce-overhead", "compile_mode=reduce-overhead is invalid with compile=false (nothing is compiled)"),
 ]
 
