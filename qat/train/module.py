@@ -125,8 +125,12 @@ class LitClassifier(L.LightningModule):
         with one_graph_under_ddp():
             return self._compiled_forward(x)
 
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch in `memory_format` (no copy where it already is)."""
+        return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = self._images(batch[0]), batch[1]
         logits = self._training_forward(x)
         loss = self.criterion(logits, y)
         if self.teacher is not None and self.distill.alpha > 0:
@@ -141,7 +145,7 @@ class LitClassifier(L.LightningModule):
         return loss
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
-        x, y = batch
+        x, y = self._images(batch[0]), batch[1]
         with observers_paused(self.net):
             logits = self.net(x)
         self.log(f"{stage}/loss", self.criterion(logits, y), sync_dist=True, prog_bar=stage == "val")
@@ -166,10 +170,6 @@ class LitClassifier(L.LightningModule):
         for net in (self.net, self.teacher):
             if net is not None:
                 net.to(memory_format=memory_format)  # in place: the optimizer keeps its parameters
-
-    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
-        x, y = batch
-        return (x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x), y
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if not self.trainer._logger_connector.should_update_logs:  # Lightning writes step values only then (its

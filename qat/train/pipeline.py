@@ -1,6 +1,8 @@
 """One run, top to bottom: validate -> data -> model -> prepare/calibrate -> fit -> convert -> evaluate -> report.
 
     settings = validated(cfg)                          every value checked before any work (ConfigError)
+    resumed  = read_checkpoint_state(ckpt_path)        a damaged checkpoint stops the run here; before fit,
+                                                       check_fits names what differs from the run's network
     trainer  = build_trainer(cfg, settings)            Lightning Trainer, loggers, callbacks (fp32 / qat)
     data     = build_datamodule(cfg.data)              dataset located and loaded (clear error if missing)
     model    = build_model(...)                        float, optionally from a pretrained checkpoint
@@ -38,6 +40,7 @@ from qat.models import build_model
 from qat.train.callbacks import QATSchedule, RNGStateCheckpoint, SyncQuantState
 from qat.train.evaluate import VariantResult, measure
 from qat.train.module import LitClassifier
+from qat.train.resume import check_fits, read_checkpoint_state
 from qat.train.report import RunSummary, plot_summary, print_table, write_summary
 from qat.train.settings import MEMORY_FORMATS, ConfigError, RunSettings, run_settings
 
@@ -48,6 +51,7 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
     `callbacks` are added to the Trainer's (e.g. to stop a run early in a test).
     """
     settings = validated(cfg)
+    resumed = read_checkpoint_state(settings.ckpt_path) if settings.ckpt_path else None  # damaged: stop before work
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(settings.seed, workers=True)
@@ -65,6 +69,10 @@ def run(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> float | None:
         lit = LitClassifier(net, num_classes, settings.optimizer, settings.scheduler, teacher, settings.distill,
                             compile_mode=settings.compile_mode if settings.compile else None,
                             memory_format=MEMORY_FORMATS[settings.memory_format])
+        if resumed is not None:
+            check_fits(resumed, lit, settings.ckpt_path, f"model={settings.model.name}, "
+                       f"quant.preset={settings.quant.preset}, distill.alpha={settings.distill.alpha}")
+            resumed = None  # Lightning reads the file itself
         trainer.fit(lit, datamodule=datamodule, ckpt_path=settings.ckpt_path)
         if not trainer.is_global_zero:
             return None
