@@ -72,6 +72,7 @@ class QuantizerBase(ShapeFromStateDict):
         return {"observer_enabled": self.observer_enabled, "fake_quant_enabled": self.fake_quant_enabled}
 
     def set_extra_state(self, state: dict) -> None:
+        _require_fields(self, state, ("observer_enabled", "fake_quant_enabled"))
         self.observer_enabled = bool(state["observer_enabled"]) and self.observer is not None
         self.fake_quant_enabled = bool(state["fake_quant_enabled"])
 
@@ -205,10 +206,20 @@ class LearnableFakeQuantize(QuantizerBase):
 
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
+        _require_fields(self, state, ("initialized",))
         self.initialized = bool(state["initialized"])
 
     def extra_repr(self) -> str:
         return f"{self.method}, {super().extra_repr()}"
+
+
+def _require_fields(quantizer: QuantizerBase, state: dict, fields: tuple[str, ...]) -> None:
+    """ValueError naming the quantizer kind when a saved extra state lacks its fields (saved by another kind)."""
+    missing = [name for name in fields if name not in state]
+    if missing:
+        raise ValueError(f"{type(quantizer).__name__} cannot load an extra state without {', '.join(missing)} "
+                         f"(it has {', '.join(sorted(state)) or 'nothing'}): it was saved by another quantizer kind; "
+                         "load a state dict of a model prepared with the same QuantConfig")
 
 
 def is_per_tensor_lsq(quantizer: QuantizerBase) -> bool:

@@ -141,6 +141,20 @@ def test_extra_state_survives_torch_save():
     assert (fresh.observer_enabled, fresh.fake_quant_enabled, fresh.initialized) == (False, False, True)
 
 
+@pytest.mark.parametrize("saved, loading, missing", [("minmax", "lsq", "initialized"),
+                                                     ("minmax", "minmax", "observer_enabled")])
+def test_extra_state_of_another_quantizer_kind_is_named(saved, loading, missing):
+    """An observed quantizer's state loaded into a learned one (or a damaged extra state): a ValueError naming the
+    loading kind and the missing field, where load_state_dict raised a bare KeyError."""
+    state = QuantizerConfig(ACT, saved).build().state_dict()
+    if saved == loading:
+        state["_extra_state"] = {"fake_quant_enabled": True}
+    fresh = QuantizerConfig(ACT, loading).build()
+    with pytest.raises(ValueError, match=rf"{type(fresh).__name__} cannot load an extra state without {missing} "
+                                         r"\(it has .*\): it was saved by another quantizer kind"):
+        fresh.load_state_dict(state, strict=False)
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
 def test_quantizer_taking_the_relu_equals_relu_then_quantizer(cfg):
     """applies_relu on the CPU (folded into the fake-quant passes and the running observers' ranges where they
