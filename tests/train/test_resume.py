@@ -127,7 +127,8 @@ def test_reading_a_checkpoint_refuses_damage_and_leaves_code_objects_to_lightnin
         (tmp_path / name).write_bytes(data)
         with pytest.raises(ConfigError, match=rf"ckpt_path='{tmp_path / name}' is not a readable checkpoint"):
             read_checkpoint_state(tmp_path / name)
-    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"root": Path("/data")}}, tmp_path / "code.ckpt")
+    code_objects = {"state_dict": {"w": torch.ones(2)}, "hyper_parameters": {"root": Path("/data")}}
+    torch.save(code_objects, tmp_path / "code.ckpt")
     assert read_checkpoint_state(tmp_path / "code.ckpt") is None
     torch.save({"weights": {"w": torch.ones(2)}}, tmp_path / "plain.ckpt")
     with pytest.raises(ConfigError, match="holds no Lightning state_dict"):
