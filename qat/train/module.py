@@ -160,8 +160,9 @@ class LitClassifier(L.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
-    def on_fit_start(self) -> None:
-        self._set_memory_format(self.memory_format)
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # before the strategy wraps the net: DDP sizes its gradient buckets to these layouts
+            self._set_memory_format(self.memory_format)
 
     def on_fit_end(self) -> None:
         self._set_memory_format(torch.contiguous_format)
