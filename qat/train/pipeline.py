@@ -40,8 +40,8 @@ from qat.models import build_model
 from qat.train.callbacks import QATSchedule, RNGStateCheckpoint, SyncQuantState
 from qat.train.evaluate import VariantResult, measure
 from qat.train.module import LitClassifier
-from qat.train.resume import check_fits, read_checkpoint_state
 from qat.train.report import RunSummary, plot_summary, print_table, write_summary
+from qat.train.resume import check_fits, read_checkpoint_state
 from qat.train.settings import MEMORY_FORMATS, ConfigError, RunSettings, run_settings
 
 
