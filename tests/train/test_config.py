@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from app_helpers import RECIPES, REPO, compose_config, pretrained_overrides
 from hydra.errors import MissingConfigException
 
@@ -11,7 +12,7 @@ from qat.fx.config import PRESETS
 from qat.models import MODELS
 from qat.quant.config import OBSERVERS
 from qat.train import run
-from qat.train.pipeline import validated
+from qat.train.pipeline import compiled_layout_warning, validated
 from qat.train.settings import ConfigError
 
 # What each recipe must select: (task, quant preset, model). A new recipe needs a row here.
@@ -111,6 +112,24 @@ BAD_VALUES = [
     ("task=ptq memory_format=channels_last", "memory_format=channels_last is invalid for task=ptq (nothing is"),
     ("compile_mode=reduce-overhead", "compile_mode=reduce-overhead is invalid with compile=false (nothing is"),
 ]
+
+
+COMPILED_LAYOUTS = [  # (overrides, device, warned): only the setup known to fail (README, "Known bug")
+    ("compile=true", "cuda", True),
+    ("compile=true memory_format=channels_last", "cuda", False),
+    ("compile=true", "cpu", False),
+    ("compile=false", "cuda", False),
+    ("compile=true task=fp32 quant=none", "cuda", False),
+]
+
+
+@pytest.mark.parametrize("overrides, device, warned", COMPILED_LAYOUTS, ids=[f"{o} {d}" for o, d, _ in COMPILED_LAYOUTS])
+def test_compiled_qat_in_the_contiguous_layout_on_a_gpu_is_warned_about(overrides, device, warned, tmp_path):
+    settings = validated(compose_config(tmp_path, "+recipe=qat_resnet", *pretrained_overrides(), *overrides.split()))
+    warning = compiled_layout_warning(settings, torch.device(device))
+    assert (warning is not None) == warned
+    if warned:
+        assert "memory_format=channels_last" in warning and "convolution_backward" in warning
 
 
 def test_missing_mandatory_values_are_named(tmp_path):
