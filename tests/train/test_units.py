@@ -5,6 +5,7 @@ import doctest
 import importlib
 import itertools
 import json
+import math
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from qat.train.evaluate import VariantResult
 from qat.train.module import LitClassifier, distillation_loss, observers_paused, one_graph_under_ddp
 from qat.train.optim import build_optimizer, build_scheduler, parameter_groups
 from qat.train.report import RunSummary, write_summary
-from qat.train.settings import DistillSettings, OptimizerSettings, SchedulerSettings
+from qat.train.settings import MEMORY_FORMATS, DistillSettings, OptimizerSettings, SchedulerSettings
 
 MODULES = ["evaluate", "module", "optim", "recipes", "report", "settings"]
 
@@ -204,6 +205,42 @@ def test_compiled_training_steps_equal_eager_and_keep_the_state_dict_keys(mode):
     assert list(state) == list(eager_state)
     for key, value in eager_state.items():  # the observers moved the same way
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def _compiled_qat_resnet18_losses(memory_format: str, device: str, batch: int) -> list[float]:
+    """Two compiled W4A4 LSQ training steps of the app's module on a torchvision ResNet-18 at 32 px (layer4's
+    feature maps are 1x1) under bf16 autocast, in `memory_format`."""
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    prepared = prepare(torchvision.models.resnet18(num_classes=10).to(device), QuantConfig.preset("w4a4_lsq"),
+                       example_inputs=(x[:2],))
+    calibrate(prepared, [x[:64]])
+    lit = LitClassifier(prepared, 10, compile_mode="default", memory_format=MEMORY_FORMATS[memory_format]).to(device)
+    lit.log = lambda *args, **kwargs: None  # no Trainer attached
+    lit.setup("fit")
+    lit.train()
+    losses = []
+    for step in range(2):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = lit.training_step((x, y), step)
+        loss.backward()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("memory_format", [
+    pytest.param("contiguous", marks=pytest.mark.xfail(raises=AssertionError, strict=True, reason=(
+        "known bug (README): inductor's stride check of convolution_backward fails in the contiguous layout"))),
+    "channels_last",
+])
+def test_compiled_qat_resnet18_trains_on_the_gpu(memory_format):
+    """The README's known bug as a test: when it is fixed, the contiguous case passes and its strict xfail fails."""
+    losses = _compiled_qat_resnet18_losses(memory_format, "cuda", batch=512)
+    assert all(map(math.isfinite, losses))
 
 
 def test_compiled_steps_turn_the_ddp_graph_split_off_only_inside_the_step():
